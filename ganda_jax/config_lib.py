@@ -1,0 +1,78 @@
+"""Shared pieces of the ml_collections configs in ``configs/``.
+
+Every config has the same top-level names (``seed``, ``batch_size``,
+``num_train_steps``, ``image_size``, ``dtype``, ``data``, ``optimizer``,
+``checkpoint_every_steps``, ...), so flags and tools work across methods.
+Variants are chosen with ``--config=configs/x.py:variant1,variant2``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base(method: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.method = method
+    c.seed = 0
+    c.batch_size = 1
+    c.num_train_steps = 1000
+    c.image_size = 64
+    c.dtype = "float32"  # compute dtype; parameters and loss reductions stay float32
+    c.num_devices = 0  # 0: all devices
+    c.log_every_steps = 50
+    c.eval_every_steps = 0  # 0: only at the end
+    c.sample_every_steps = 0  # 0: only at the end
+    c.eval_batch_size = 64
+    c.checkpoint_every_steps = 500
+    c.keep_checkpoints = 3
+    return c
+
+
+def adam(
+    learning_rate: float,
+    b1: float = 0.5,
+    b2: float = 0.999,
+    schedule: str = "constant",
+    decay_start: float = 0.5,
+) -> ml_collections.ConfigDict:
+    """One optimizer block (``config.optimizer.<group>``)."""
+    return ml_collections.ConfigDict(
+        dict(
+            name="adam",
+            learning_rate=learning_rate,
+            b1=b1,
+            b2=b2,
+            schedule=schedule,
+            decay_start=decay_start,
+            grad_clip_norm=0.0,
+        )
+    )
+
+
+def data_block(**kw) -> ml_collections.ConfigDict:
+    """``source`` is embedded | folder | tfds | npz (see ganda_jax.data.datasets)."""
+    d = dict(
+        source="embedded",
+        seed=0,
+        num_train=2000,
+        num_test=200,
+        path="",
+        name="",
+        data_dir="",
+        path_A="",
+        path_B="",
+        load_size=0,
+        flip=True,
+        num_threads=4,
+    )
+    d.update(kw)
+    return ml_collections.ConfigDict(d)
+
+
+def parse_variants(arg: str | None, known: set[str]) -> set[str]:
+    variants = {v.strip() for v in (arg or "").split(",") if v.strip()}
+    unknown = variants - known
+    if unknown:
+        raise ValueError(f"unknown config variant(s) {sorted(unknown)}; known: {sorted(known)}")
+    return variants
