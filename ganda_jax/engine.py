@@ -1,0 +1,300 @@
+"""The shared training engine: train state, per-player optimizers, update phases.
+
+Every method is a set of *players* (networks with their own parameters, e.g.
+``G_AB, G_BA, D_A, D_B``) and an ordered list of *phases*. A phase
+differentiates one loss with respect to some players and applies the update to
+those players only. The whole iteration (all phases) is one pure function,
+``train_step(state, batch) -> (state, metrics)``, which the trainer jits once
+with donated state.
+
+One ``optax.multi_transform`` holds every player's optimizer (label = player
+name, hyper-parameters from ``config.optimizer.<group>``). Feeding zero
+gradients to idle players is *not* enough to freeze them (Adam's momentum keeps
+moving them), so :func:`apply_phase_update` keeps the idle players' parameters
+and their optimizer sub-states exactly as they were; XLA then drops the unused
+computations.
+
+Phases run in order and each sees the parameters produced by the phases before
+it. A phase can pass values to later phases through ``carry`` (gradients are
+stopped), which is how CycleGAN's D phase receives the fakes that the
+generators made *before* their update, exactly like the official code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+Params = Any
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that defines a run at a step; a plain pytree, checkpointed whole."""
+
+    step: jax.Array  # int32 scalar: iterations completed
+    params: dict[str, Params]  # player name -> params
+    opt_state: optax.OptState  # one multi_transform state over ``params``
+    model_state: dict[str, PyTree]  # player name -> non-trainable collections (BatchNorm stats)
+    extra: dict[str, PyTree]  # method buffers kept across steps (e.g. CycleGAN image pools)
+    rng: jax.Array  # base key; step s uses fold_in(rng, s)
+
+
+class PhaseInputs(NamedTuple):
+    """What a phase's loss function sees besides the parameters."""
+
+    batch: PyTree  # the prepared global batch
+    rng: jax.Array  # a key unique to (step, phase)
+    step: jax.Array  # iterations completed before this one
+    model_state: dict[str, PyTree]
+    extra: dict[str, PyTree]
+    carry: dict[str, Any]  # values returned by earlier phases of this step
+
+
+# A phase loss returns ``(loss, aux)``; aux is a dict with any of:
+#   'metrics': {name: scalar}     logged
+#   'carry': {name: array}        passed to later phases (gradient stopped)
+#   'model_state': {player: ...}  replaces those players' non-trainable state
+#   'extra': {name: ...}          replaces those method buffers
+LossFn = Callable[[dict[str, Params], PhaseInputs], tuple[jax.Array, dict[str, Any]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One update: minimise ``loss_fn`` with respect to ``players`` only."""
+
+    name: str
+    players: tuple[str, ...]
+    loss_fn: LossFn
+
+
+class Method:
+    """Base class of a method (one per file: ``ganda_jax/<method>.py``).
+
+    Subclasses define ``name``, ``players`` (player -> optimizer block name in
+    ``config.optimizer``), and implement ``train_streams``, ``init``,
+    ``prepare``, ``phases``; ``evaluate`` and ``samples`` are optional hooks.
+    """
+
+    name: str = ""
+    players: Mapping[str, str] = {}
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.dtype = jnp.dtype(config.dtype)
+
+    # --- data -------------------------------------------------------------
+    def train_streams(self) -> dict[str, Any]:
+        """Named random-access sources for training (see ganda_jax.data)."""
+        raise NotImplementedError
+
+    def train_transforms(self) -> dict[str, Callable] | None:
+        """Per-stream host-side augmentation (numpy), or None."""
+        return None
+
+    def example_batch(self, batch_size: int) -> PyTree:
+        """A zero batch in the loader's (host) format, for shapes without data."""
+        raise NotImplementedError
+
+    def prepare(self, batch: PyTree) -> PyTree:
+        """Device-side preprocessing inside the jitted step (e.g. uint8 -> [-1, 1])."""
+        return batch
+
+    # --- model ------------------------------------------------------------
+    def init(self, rng: jax.Array, batch: PyTree) -> tuple[dict, dict, dict]:
+        """Returns ``(params, model_state, extra)`` for a prepared batch."""
+        raise NotImplementedError
+
+    def phases(self) -> Sequence[Phase]:
+        raise NotImplementedError
+
+    # --- hooks run by the trainer --------------------------------------------
+    def evaluate(self, state: TrainState, mesh) -> dict[str, float]:
+        """Evaluation metrics (names like 'eval/psnr_AtoB'); may be empty."""
+        return {}
+
+    def samples(self, state: TrainState, batch: PyTree) -> dict[str, Any]:
+        """Named uint8 image grids for the sample writer; may be empty."""
+        return {}
+
+
+# ---------------------------------------------------------------------------
+# Optimizers
+# ---------------------------------------------------------------------------
+
+
+def make_schedule(opt: ml_collections.ConfigDict, num_train_steps: int) -> optax.Schedule:
+    """Learning-rate schedule of one optimizer block.
+
+    'constant'; 'linear_decay': constant for the first ``decay_start`` fraction
+    of training, then linear to 0 at the last step (CycleGAN's n_epochs /
+    n_epochs_decay, counted in steps); 'cosine'.
+    """
+    lr = opt.learning_rate
+    kind = opt.get("schedule", "constant")
+    if kind == "constant":
+        return optax.constant_schedule(lr)
+    if kind == "linear_decay":
+        start = int(round(num_train_steps * opt.get("decay_start", 0.5)))
+        return optax.join_schedules(
+            [
+                optax.constant_schedule(lr),
+                optax.linear_schedule(lr, 0.0, max(num_train_steps - start, 1)),
+            ],
+            [start],
+        )
+    if kind == "cosine":
+        return optax.cosine_decay_schedule(lr, max(num_train_steps, 1))
+    raise ValueError(f"unknown schedule {kind!r}; expected 'constant', 'linear_decay' or 'cosine'")
+
+
+def make_transform(opt: ml_collections.ConfigDict, num_train_steps: int):
+    sched = make_schedule(opt, num_train_steps)
+    name = opt.get("name", "adam")
+    if name == "adam":
+        tx = optax.adam(sched, b1=opt.get("b1", 0.9), b2=opt.get("b2", 0.999))
+    elif name == "adamw":
+        tx = optax.adamw(
+            sched,
+            b1=opt.get("b1", 0.9),
+            b2=opt.get("b2", 0.999),
+            weight_decay=opt.get("weight_decay", 1e-4),
+        )
+    elif name == "sgd":
+        tx = optax.sgd(sched, momentum=opt.get("momentum", 0.9) or None)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; expected 'adam', 'adamw' or 'sgd'")
+    if opt.get("grad_clip_norm", 0.0):
+        tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+    return tx
+
+
+def make_optimizer(method: Method) -> optax.GradientTransformation:
+    """One multi-transform over all players; player p uses config.optimizer[players[p]]."""
+    cfg = method.config
+    transforms = {}
+    for player, group in method.players.items():
+        if group not in cfg.optimizer:
+            raise ValueError(
+                f"config.optimizer has no block {group!r} (needed by player {player!r}); "
+                f"blocks: {sorted(cfg.optimizer.keys())}"
+            )
+        transforms[player] = make_transform(cfg.optimizer[group], cfg.num_train_steps)
+    return optax.multi_transform(transforms, player_labels)
+
+
+def player_labels(params: dict[str, Params]) -> dict[str, Any]:
+    """Labels every leaf of ``params[p]`` with ``p`` (the multi-transform's partition)."""
+    return {p: jax.tree.map(lambda _, p=p: p, v) for p, v in params.items()}
+
+
+def learning_rates(method: Method, step: int) -> dict[str, float]:
+    """Current learning rate of each optimizer block (for logging)."""
+    cfg = method.config
+    groups = sorted(set(method.players.values()))
+    return {
+        f"lr/{g}": float(make_schedule(cfg.optimizer[g], cfg.num_train_steps)(step)) for g in groups
+    }
+
+
+def apply_phase_update(
+    tx: optax.GradientTransformation,
+    params: dict[str, Params],
+    opt_state: optax.OptState,
+    grads: dict[str, Params],
+    players: Sequence[str],
+) -> tuple[dict[str, Params], optax.OptState]:
+    """Applies ``grads`` (given for ``players`` only) and leaves everyone else untouched.
+
+    The multi-transform runs on the full tree (zeros for idle players) so its
+    state layout never changes; then the idle players' parameters and optimizer
+    sub-states are taken from *before* the update, bit for bit.
+    """
+    full = {
+        p: grads[p] if p in players else jax.tree.map(jnp.zeros_like, v) for p, v in params.items()
+    }
+    updates, new_state = tx.update(full, opt_state, params)
+    new_params = {
+        p: optax.apply_updates(v, updates[p]) if p in players else v for p, v in params.items()
+    }
+    inner = {
+        p: new_state.inner_states[p] if p in players else s
+        for p, s in opt_state.inner_states.items()
+    }
+    return new_params, new_state._replace(inner_states=inner)
+
+
+# ---------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------
+
+
+def init_state(
+    method: Method, tx: optax.GradientTransformation, rng: jax.Array, batch: PyTree
+) -> TrainState:
+    """Initial state from a raw (host-format) global batch; jit it with out_shardings."""
+    init_rng, state_rng = jax.random.split(rng)
+    params, model_state, extra = method.init(init_rng, method.prepare(batch))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        model_state=model_state,
+        extra=extra,
+        rng=state_rng,
+    )
+
+
+def make_train_step(method: Method, tx: optax.GradientTransformation):
+    """Builds ``train_step(state, batch) -> (state, metrics)`` running every phase in order."""
+    phases = tuple(method.phases())
+    for ph in phases:
+        unknown = set(ph.players) - set(method.players)
+        if unknown:
+            raise ValueError(f"phase {ph.name!r} updates unknown players {sorted(unknown)}")
+
+    def train_step(state: TrainState, batch: PyTree):
+        batch = method.prepare(batch)
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        params, opt_state = state.params, state.opt_state
+        model_state, extra = state.model_state, state.extra
+        carry: dict[str, Any] = {}
+        metrics: dict[str, jax.Array] = {}
+        for i, phase in enumerate(phases):
+            inputs = PhaseInputs(
+                batch=batch,
+                rng=jax.random.fold_in(step_rng, i),
+                step=state.step,
+                model_state=model_state,
+                extra=extra,
+                carry=carry,
+            )
+
+            def loss_wrt(trainable, phase=phase, inputs=inputs, params=params):
+                return phase.loss_fn({**params, **trainable}, inputs)
+
+            trainable = {p: params[p] for p in phase.players}
+            (loss, aux), grads = jax.value_and_grad(loss_wrt, has_aux=True)(trainable)
+            params, opt_state = apply_phase_update(tx, params, opt_state, grads, phase.players)
+            model_state = {**model_state, **aux.get("model_state", {})}
+            extra = {**extra, **aux.get("extra", {})}
+            carry = {**carry, **jax.lax.stop_gradient(aux.get("carry", {}))}
+            metrics[f"loss/{phase.name}"] = loss.astype(jnp.float32)
+            metrics.update(aux.get("metrics", {}))
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            model_state=model_state,
+            extra=extra,
+        )
+        return new_state, metrics
+
+    return train_step

@@ -1,0 +1,238 @@
+"""The training loop, written once for every method.
+
+``train(config, workdir)`` builds the method, the mesh and the input pipeline,
+initialises the state (or restores the latest checkpoint in ``workdir``), and
+runs the jitted step: one XLA program per iteration with the state donated,
+the batch sharded over the ``data`` axis and the state replicated. Metrics stay
+on the device and are fetched every ``log_every_steps`` (no per-step host sync).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from ganda_jax import checkpointing, engine, parallel, writers
+from ganda_jax.data import pipeline
+
+# config.method -> "module:Class"
+METHODS = {
+    "cyclegan": "ganda_jax.cyclegan:CycleGAN",
+    "discogan": "ganda_jax.discogan:DiscoGAN",
+    "pixelda": "ganda_jax.pixelda:PixelDA",
+    "cycada": "ganda_jax.cycada:CyCADA",
+    "gta": "ganda_jax.gta:GTA",
+    "gta_seg": "ganda_jax.gta_seg:GTASeg",
+    "ccgan": "ganda_jax.ccgan:CCGAN",
+}
+
+
+def get_method(config: ml_collections.ConfigDict) -> engine.Method:
+    if config.method not in METHODS:
+        raise ValueError(f"unknown method {config.method!r}; known: {sorted(METHODS)}")
+    module, cls = METHODS[config.method].split(":")
+    return getattr(importlib.import_module(module), cls)(config)
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step (then saves and exits)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. inside a test runner thread)
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: finishing this step, then checkpointing.")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class Run:
+    """Everything built from a config; ``train`` drives it, tests poke at it."""
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh=None):
+        self.config = config
+        self.mesh = (
+            mesh if mesh is not None else parallel.make_mesh(config.get("num_devices") or None)
+        )
+        parallel.check_batch_size(config.batch_size, self.mesh)
+        self.method = get_method(config)
+        self.tx = engine.make_optimizer(self.method)
+        self.data_sharding = parallel.data_sharding(self.mesh)
+        self.replicated = parallel.replicated(self.mesh)
+        self.loader = pipeline.Loader(
+            self.method.train_streams(),
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            transforms=self.method.train_transforms(),
+            num_threads=config.data.get("num_threads", 4),
+        )
+        self.step_fn = jax.jit(
+            engine.make_train_step(self.method, self.tx),
+            in_shardings=(self.replicated, self.data_sharding),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=(0,),
+        )
+        self._init_fn = jax.jit(
+            lambda rng, batch: engine.init_state(self.method, self.tx, rng, batch),
+            out_shardings=self.replicated,
+        )
+
+    def global_batch(self, step: int):
+        return pipeline.to_global(self.loader.batch(step), self.data_sharding)
+
+    def init_state(self) -> engine.TrainState:
+        return self._init_fn(jax.random.PRNGKey(self.config.seed), self.global_batch(0))
+
+    def abstract_state(self) -> engine.TrainState:
+        return abstract_state(self.method, self.tx, self.replicated)
+
+    def meta(self, step: int) -> dict:
+        return {
+            "method": self.method.name,
+            "step": int(step),
+            "data": self.loader.state(step),
+            "config": json.loads(self.config.to_json_best_effort()),
+        }
+
+    def restore_or_init(self, ckpt: checkpointing.Checkpointer) -> engine.TrainState:
+        latest = ckpt.latest_step()
+        if latest is None:
+            return self.init_state()
+        meta = ckpt.restore_meta(latest)
+        if meta.get("method") != self.method.name:
+            raise ValueError(
+                f"workdir checkpoint {ckpt.directory}/{latest} is from method "
+                f"{meta.get('method')!r}, not {self.method.name!r}; use another --workdir"
+            )
+        state, meta = ckpt.restore(self.abstract_state(), latest)
+        self.loader.check_state(meta["data"])
+        logging.info("Resumed from %s at step %d.", ckpt.directory, latest)
+        return state
+
+
+def abstract_state(method: engine.Method, tx, sharding) -> engine.TrainState:
+    """Shapes, dtypes and shardings of the train state, computed without data or FLOPs."""
+    batch = method.example_batch(method.config.batch_size)
+    shapes = jax.eval_shape(
+        lambda rng, b: engine.init_state(method, tx, rng, b), jax.random.PRNGKey(0), batch
+    )
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+
+
+def _finite_or_raise(scalars: dict[str, float], step: int) -> None:
+    bad = [k for k, v in scalars.items() if not np.isfinite(v)]
+    if bad:
+        raise FloatingPointError(
+            f"non-finite values at step {step}: {', '.join(bad)}; "
+            "training stopped (the last checkpoint is intact)"
+        )
+
+
+def train(
+    config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None, mesh=None
+) -> engine.TrainState:
+    """Trains (or resumes) ``config`` in ``workdir``; returns the final state.
+
+    ``max_steps`` stops early after that many total steps (with a checkpoint), as
+    an interruption would; the next call continues exactly where it stopped.
+    """
+    parallel.maybe_initialize_distributed()
+    os.makedirs(workdir, exist_ok=True)
+    run = Run(config, mesh)
+    total = int(config.num_train_steps)
+    stop_at = total if max_steps is None else min(total, int(max_steps))
+    ckpt = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        save_every=config.checkpoint_every_steps,
+        keep=config.get("keep_checkpoints", 3),
+    )
+    writer = writers.MetricWriter(workdir)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    state = run.restore_or_init(ckpt)
+    step = int(jax.device_get(state.step))
+    progress = writers.ProgressLogger(total_steps=total, batch_size=config.batch_size)
+    log_every = max(int(config.log_every_steps), 1)
+    eval_every = int(config.get("eval_every_steps", 0))
+    sample_every = int(config.get("sample_every_steps", 0))
+    accum, accum_n, batch = None, 0, None
+
+    def evaluate_and_sample(step):
+        scalars = run.method.evaluate(state, run.mesh)
+        if scalars:
+            writer.write_scalars(step, scalars)
+            logging.info(
+                "eval @ %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in sorted(scalars.items()))
+            )
+        if batch is not None:
+            images = run.method.samples(state, batch)
+            if images:
+                writer.write_images(step, images)
+
+    with _Preemption() as preemption:
+        if step < stop_at:
+            batches = run.loader.iterate(step)
+        try:
+            t_last = time.time()
+            while step < stop_at:
+                batch = next(batches)
+                state, metrics = run.step_fn(state, pipeline.to_global(batch, run.data_sharding))
+                step += 1
+                accum = metrics if accum is None else jax.tree.map(jnp.add, accum, metrics)
+                accum_n += 1
+                if step % log_every == 0 or step == stop_at:
+                    scalars = {k: float(v) / accum_n for k, v in jax.device_get(accum).items()}
+                    _finite_or_raise(scalars, step)
+                    now = time.time()
+                    scalars["perf/steps_per_sec"] = accum_n / max(now - t_last, 1e-9)
+                    scalars["perf/images_per_sec"] = (
+                        scalars["perf/steps_per_sec"] * config.batch_size
+                    )
+                    t_last = now
+                    scalars.update(engine.learning_rates(run.method, step))
+                    writer.write_scalars(step, scalars)
+                    progress.log(step, scalars)
+                    accum, accum_n = None, 0
+                ckpt.save(step, state, run.meta(step), force=preemption.requested)
+                if (eval_every and step % eval_every == 0 and step < total) or (
+                    sample_every and step % sample_every == 0 and step < total
+                ):
+                    evaluate_and_sample(step)
+                if preemption.requested or ckpt.reached_preemption(step):
+                    logging.warning("Preempted at step %d: checkpoint written, exiting.", step)
+                    break
+            else:
+                if step == total:
+                    if batch is None:  # resumed at the end: nothing left to train
+                        batch = run.loader.batch(step - 1)
+                    evaluate_and_sample(step)
+            if ckpt.latest_step() != step:
+                ckpt.save(step, state, run.meta(step), force=True)
+        finally:
+            ckpt.close()
+            writer.close()
+            run.loader.close()
+    return state
