@@ -1,0 +1,56 @@
+"""Classifier accuracy on an in-memory labelled split (shared by the domain-adaptation methods).
+
+A method exposes ``logits_fn(params, images) -> {name: logits [B, C]}`` (float
+images in ``[-1, 1]``; one entry per classifier to score, e.g. the adapted
+classifier and a source-only baseline). :func:`make_accuracy_fn` wraps it once
+into the per-example function that :func:`ganda_jax.evaluation.batched_apply`
+runs sharded over the mesh, and :func:`accuracies` turns the per-example hits
+into top-1 accuracies. Every classifier is scored on the same batches in one
+pass, and each example counts exactly once (batched_apply drops the padding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from ganda_jax import evaluation, image_metrics
+
+LogitsFn = Callable[[Any, Any], Mapping[str, Any]]
+
+
+def make_accuracy_fn(logits_fn: LogitsFn) -> Callable[[Any, dict], dict]:
+    """``fn(params, {'image': uint8, 'label': int}) -> {name: bool hit per example}``.
+
+    Create it once per method and keep it (e.g. in a ``functools.cached_property``):
+    :func:`ganda_jax.evaluation.batched_apply` caches its compilation per function object.
+    """
+
+    def fn(params, batch):
+        images = image_metrics.from_uint8(batch["image"], jnp.float32)
+        logits = logits_fn(params, images)
+        return {k: jnp.argmax(v, axis=-1) == batch["label"] for k, v in logits.items()}
+
+    return fn
+
+
+def accuracies(
+    accuracy_fn: Callable[[Any, dict], dict],
+    params: Any,
+    split: Mapping[str, np.ndarray],
+    *,
+    mesh,
+    batch_size: int,
+) -> dict[str, float]:
+    """Top-1 accuracy of each classifier of ``accuracy_fn`` on ``split`` ({'image', 'label'})."""
+    hits = evaluation.batched_apply(
+        accuracy_fn,
+        params,
+        {"image": split["image"], "label": split["label"]},
+        mesh=mesh,
+        batch_size=batch_size,
+    )
+    return {k: float(np.mean(v)) for k, v in hits.items()}

@@ -1,0 +1,329 @@
+"""PixelDA (Bousmalis, Silberman, Dohan, Erhan, Krishnan 2017): pixel-level domain adaptation.
+
+A generator ``G(x_s, z)`` restyles labelled source images as target images; a
+discriminator ``D`` tells real target images from restyled ones; a task
+classifier ``T`` learns the labels on source images *and* on their restyled
+versions, so it works on the (unlabelled) target domain. The paper's objective
+
+    min_{G,T} max_D  alpha L_d(D, G) + beta L_t(G, T)
+
+    L_d = E_{x_t}[log D(x_t)] + E_{x_s,z}[log(1 - D(G(x_s, z)))]
+    L_t = E_{x_s,y_s,z}[-y_s^T log T(G(x_s, z)) - y_s^T log T(x_s)]
+
+with ``z ~ U(-1, 1)^10``. Players and one iteration (every phase sees the
+parameters the phases before it produced):
+
+1. **D phase** (updates ``D``). Fakes ``G(x_s, z)`` from the current G, then
+
+   L_D = w_d [BCE(D(x_t), 1) + BCE(D(G(x_s, z)), 0)]         (``loss.gan='nsgan'``)
+
+2. **G/T phase** (updates ``G`` and ``T`` together; D frozen at its new value).
+   The non-saturating generator loss, as in the authors' code, and the task loss
+   on *logits* (log-softmax inside the cross-entropy, never a softmax before it):
+
+   L_GT = w_style BCE(D(G(x_s, z)), 1) + w_task [CE(T(G(x_s, z)), y_s) + CE(T(x_s), y_s)]
+
+3. **T_src phase** (updates ``T_src``): the source-only baseline, a classifier
+   of the same architecture, same initial weights, same batches and number of
+   steps, its own optimizer block, trained on ``CE(T_src(x_s), y_s)`` only. It
+   never sees G, D or the target, so the run measures what adaptation adds:
+   ``eval/target_accuracy`` (T) next to ``eval/source_only_accuracy`` (T_src),
+   both on the held-out labelled target *test* split.
+
+Networks (NHWC, 32x32 digits): G projects ``z`` with a dense layer to
+``noise_channels`` image-sized maps, concatenates them to ``x_s``, then
+conv3x3-ReLU, ``n_blocks`` residual blocks [conv3-BN-ReLU-conv3-BN] + x,
+conv3x3 and tanh (64 filters throughout in the paper). D is the shared PatchGAN
+(:class:`ganda_jax.layers.PatchDiscriminator`; 2x2 patches of logits at 32 px,
+like the PyTorch-GAN reference's). T is the MNIST classifier the paper takes
+from DANN/DSN: conv5x5(32)-pool-conv5x5(48)-pool-fc100-fc100-fc10.
+
+Weights: ``w_d, w_style, w_task`` are ``loss.discriminator_weight``,
+``loss.style_weight`` and ``loss.task_weight`` (the paper's alpha on each side
+of the minimax, and beta). All three are 1 by default, as in the authors'
+hparams.py (``domain_loss_weight``, ``style_transfer_loss_weight``, source and
+transferred task weights, ``task_loss_in_g_weight``); the numbers the paper
+text itself reports for alpha and beta were not checked against the paper here.
+``loss.gan='lsgan'`` gives the PyTorch-GAN reference's least-squares losses.
+
+Departures and reference notes:
+
+- The PyTorch-GAN reference (implementations/pixelda/pixelda.py) ends its
+  classifier with ``nn.Softmax()`` and feeds that to ``nn.CrossEntropyLoss``,
+  which applies log-softmax itself: the loss becomes CE(softmax(p)), bounded and
+  with gradients squashed. That is a bug; here T returns logits and
+  :func:`ganda_jax.losses.softmax_cross_entropy` takes them directly.
+- The reference runs G+T first, then D on the fakes made before the update,
+  with LSGAN losses, ``lambda_adv=1`` and ``lambda_task=0.1`` on the *mean* of
+  the two CE terms (= ``task_weight=0.05`` here, where the terms are summed as
+  in the paper). This port runs D first, then G/T, as the authors' TensorFlow
+  code (tensorflow/models research/domain_adaptation/pixel_domain_adaptation)
+  does. That code trains T inside its D step (for a fixed G) and G alone in its
+  G step; here T is updated with G in one phase, as the reference does.
+- BatchNorm (in G only) is :class:`ganda_jax.layers.BatchNorm`: eps 1e-5,
+  momentum 0.9 (the authors' code: eps 1e-3, decay 0.9; the reference:
+  PyTorch's default eps 1e-5, not the eps=0.8 slip found in other PyTorch-GAN
+  models). G runs on batch statistics in both phases; its running statistics
+  are updated once per step, by the G/T phase (returned via
+  ``aux['model_state']``, kept in ``TrainState.model_state['G']``), and used
+  for samples.
+- The authors' D is a global one (a stride-1 conv, stride-2 convs down to 4x4,
+  BatchNorm, Gaussian noise 0.2 and dropout 0.9 on hidden layers, one logit);
+  the PatchGAN here follows the reference and the shared layers instead.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ganda_jax import classify_eval, engine, image_metrics, losses
+from ganda_jax.data import da
+from ganda_jax.layers import BatchNorm, Conv, Dtype, PatchDiscriminator
+
+
+class ResidualBlockBN(nn.Module):
+    """[conv3-BN-ReLU-conv3-BN] + x (zero padding), the PixelDA generator block."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        y = Conv(self.features, 3, padding=1, dtype=self.dtype)(x)
+        y = nn.relu(BatchNorm(dtype=self.dtype)(y, train=train))
+        y = Conv(self.features, 3, padding=1, dtype=self.dtype)(y)
+        return x + BatchNorm(dtype=self.dtype)(y, train=train)
+
+
+class Generator(nn.Module):
+    """G(x, z): dense(z) -> image-shaped noise maps, concat x, conv, residual blocks, tanh."""
+
+    features: int = 64
+    n_blocks: int = 6
+    noise_channels: int = 1
+    out_channels: int = 3
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, z, *, train: bool):
+        b, h, w, _ = x.shape
+        noise = nn.Dense(h * w * self.noise_channels, dtype=self.dtype)(z.astype(self.dtype))
+        noise = noise.reshape(b, h, w, self.noise_channels)
+        y = jnp.concatenate([x.astype(self.dtype), noise], axis=-1)
+        y = nn.relu(Conv(self.features, 3, padding=1, dtype=self.dtype)(y))
+        for _ in range(self.n_blocks):
+            y = ResidualBlockBN(self.features, dtype=self.dtype)(y, train=train)
+        y = Conv(self.out_channels, 3, padding=1, dtype=self.dtype)(y)
+        return jnp.tanh(y)
+
+
+class Classifier(nn.Module):
+    """The DANN/DSN MNIST classifier used by the paper; returns float32 logits."""
+
+    features: Sequence[int] = (32, 48)
+    hidden: Sequence[int] = (100, 100)
+    num_classes: int = 10
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        y = x.astype(self.dtype)
+        for f in self.features:
+            y = nn.relu(nn.Conv(f, (5, 5), padding="SAME", dtype=self.dtype)(y))
+            y = nn.max_pool(y, (2, 2), strides=(2, 2))
+        y = y.reshape(y.shape[0], -1)
+        for n in self.hidden:
+            y = nn.relu(nn.Dense(n, dtype=self.dtype)(y))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(y).astype(jnp.float32)
+
+
+class PixelDA(engine.Method):
+    name = "pixelda"
+    players = {"G": "G", "D": "D", "T": "T", "T_src": "T_src"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        m = config.model
+        self.G = Generator(
+            features=m.ngf,
+            n_blocks=m.n_blocks,
+            noise_channels=m.noise_channels,
+            dtype=self.dtype,
+        )
+        self.D = PatchDiscriminator(
+            ndf=m.ndf, n_layers=m.n_layers_D, norm=m.norm_D, dtype=self.dtype
+        )
+        self.T = Classifier(
+            features=tuple(m.t_features),
+            hidden=tuple(m.t_hidden),
+            num_classes=config.data.num_classes,
+            dtype=self.dtype,
+        )
+
+    # --- data -----------------------------------------------------------------
+    def train_streams(self):
+        return da.train_streams(self.config.data, self.config.image_size)
+
+    def train_transforms(self):
+        return da.train_transforms(self.config.data, self.config.image_size)
+
+    def example_batch(self, batch_size):
+        return da.example_batch(batch_size, self.config.image_size)
+
+    def prepare(self, batch):
+        return {
+            "source": image_metrics.from_uint8(batch["source"]["image"], jnp.float32),
+            "label": batch["source"]["label"],
+            "target": image_metrics.from_uint8(batch["target"]["image"], jnp.float32),
+        }
+
+    # --- model ----------------------------------------------------------------
+    def init(self, rng, batch):
+        k_g, k_d, k_t = jax.random.split(rng, 3)
+        x = batch["source"][:1]
+        g = self.G.init(k_g, x, jnp.zeros((1, self.config.model.noise_dim)), train=False)
+        t = self.T.init(k_t, x)["params"]
+        params = {
+            "G": g["params"],
+            "D": self.D.init(k_d, x)["params"],
+            "T": t,
+            "T_src": t,  # the same initial weights: the baseline differs only by adaptation
+        }
+        return params, {"G": {"batch_stats": g["batch_stats"]}}, {}
+
+    def noise(self, rng, n: int):
+        return jax.random.uniform(rng, (n, self.config.model.noise_dim), minval=-1.0, maxval=1.0)
+
+    def generate(self, params, model_state, x, z, *, train: bool):
+        """``(G(x, z) float32, G's new batch stats)``; train=False uses the running averages."""
+        variables = {"params": params["G"], **model_state["G"]}
+        if train:
+            y, new = self.G.apply(variables, x, z, train=True, mutable=["batch_stats"])
+            return y.astype(jnp.float32), dict(new)
+        return self.G.apply(variables, x, z, train=False).astype(jnp.float32), model_state["G"]
+
+    def classify(self, params, x, player: str = "T"):
+        return self.T.apply({"params": params[player]}, x)
+
+    def discriminate(self, params, x):
+        return self.D.apply({"params": params["D"]}, x)
+
+    def phases(self):
+        return (
+            engine.Phase("D", ("D",), self.discriminator_loss),
+            engine.Phase("GT", ("G", "T"), self.generator_task_loss),
+            engine.Phase("T_src", ("T_src",), self.source_only_loss),
+        )
+
+    def discriminator_loss(self, params, inp: engine.PhaseInputs):
+        cfg, b = self.config.loss, inp.batch
+        z = self.noise(inp.rng, b["source"].shape[0])
+        # G's statistics are updated by the G/T phase only (once per step).
+        fake, _ = self.generate(params, inp.model_state, b["source"], z, train=True)
+        real_logits = self.discriminate(params, b["target"])
+        fake_logits = self.discriminate(params, jax.lax.stop_gradient(fake))
+        loss_d = losses.gan_discriminator_loss(
+            real_logits=real_logits, fake_logits=fake_logits, loss_type=cfg.gan
+        )
+        metrics = {
+            "D/adv": loss_d,
+            "D/real_logit": jnp.mean(real_logits),
+            "D/fake_logit": jnp.mean(fake_logits),
+        }
+        return cfg.discriminator_weight * loss_d, {"metrics": metrics}
+
+    def generator_task_loss(self, params, inp: engine.PhaseInputs):
+        cfg, b = self.config.loss, inp.batch
+        x_s, y_s = b["source"], b["label"]
+        z = self.noise(inp.rng, x_s.shape[0])
+        fake, g_state = self.generate(params, inp.model_state, x_s, z, train=True)
+        style = losses.gan_generator_loss(
+            fake_logits=self.discriminate(params, fake), loss_type=cfg.gan
+        )
+        logits_src = self.classify(params, x_s)
+        logits_fake = self.classify(params, fake)
+        ce_src = losses.softmax_cross_entropy(logits=logits_src, labels=y_s)
+        ce_fake = losses.softmax_cross_entropy(logits=logits_fake, labels=y_s)
+        loss = cfg.style_weight * style + cfg.task_weight * (ce_src + ce_fake)
+        metrics = {
+            "G/style": style,
+            "T/source_ce": ce_src,
+            "T/transferred_ce": ce_fake,
+            "T/source_acc": losses.accuracy(logits=logits_src, labels=y_s),
+            "T/transferred_acc": losses.accuracy(logits=logits_fake, labels=y_s),
+        }
+        return loss, {"metrics": metrics, "model_state": {"G": g_state}}
+
+    def source_only_loss(self, params, inp: engine.PhaseInputs):
+        b = inp.batch
+        logits = self.classify(params, b["source"], "T_src")
+        ce = losses.softmax_cross_entropy(logits=logits, labels=b["label"])
+        acc = losses.accuracy(logits=logits, labels=b["label"])
+        return ce, {"metrics": {"T_src/source_ce": ce, "T_src/source_acc": acc}}
+
+    # --- evaluation -------------------------------------------------------------
+    @functools.cached_property
+    def _accuracy_fn(self):
+        return classify_eval.make_accuracy_fn(
+            lambda params, x: {
+                "adapted": self.classify(params, x, "T"),
+                "source_only": self.classify(params, x, "T_src"),
+            }
+        )
+
+    def evaluate(self, state, mesh):
+        """Accuracy of T (adapted) and T_src (source only) on both labelled test splits.
+
+        ``eval/target_accuracy`` (T) and ``eval/source_only_accuracy`` (T_src) are
+        on the target test split, ``eval/adaptation_gain`` their difference;
+        ``eval/source_accuracy`` and ``eval/source_only_source_accuracy`` on the
+        source test split.
+        """
+        cfg = self.config
+        params = {p: state.params[p] for p in ("T", "T_src")}
+        tgt, src = (
+            classify_eval.accuracies(
+                self._accuracy_fn,
+                params,
+                da.test_split(cfg.data, cfg.image_size, domain),
+                mesh=mesh,
+                batch_size=cfg.eval_batch_size,
+            )
+            for domain in ("target", "source")
+        )
+        return {
+            "eval/target_accuracy": tgt["adapted"],
+            "eval/source_only_accuracy": tgt["source_only"],
+            "eval/adaptation_gain": tgt["adapted"] - tgt["source_only"],
+            "eval/source_accuracy": src["adapted"],
+            "eval/source_only_source_accuracy": src["source_only"],
+        }
+
+    @functools.cached_property
+    def _restyle_fn(self):
+        return jax.jit(
+            lambda params, model_state, x, z: self.generate(params, model_state, x, z, train=False)[
+                0
+            ]
+        )
+
+    def samples(self, state, batch):
+        """Rows: source test images, two restyled versions (two z), target test images."""
+        from ganda_jax.writers import image_grid
+
+        cfg, n = self.config, 8
+        src = da.test_split(cfg.data, cfg.image_size, "source")["image"][:n]
+        tgt = da.test_split(cfg.data, cfg.image_size, "target")["image"][:n]
+        p, ms = jax.device_get(state.params), jax.device_get(state.model_state)
+        x = image_metrics.from_uint8(src, np.float32)
+        rows = [src]
+        for i in range(2):
+            z = self.noise(jax.random.PRNGKey(i), len(src))
+            rows.append(np.asarray(self._restyle_fn(p, ms, x, z)))
+        return {"source_restyled_target": image_grid(rows + [tgt])}
