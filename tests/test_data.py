@@ -178,9 +178,7 @@ def test_stream_shuffles_are_independent():
 
 def test_every_example_seen_exactly_once_per_epoch():
     sizes = {"A": 10, "B": 7}
-    loader = make_loader(
-        {k: array_source(n) for k, n in sizes.items()}, global_batch_size=4
-    )
+    loader = make_loader({k: array_source(n) for k, n in sizes.items()}, global_batch_size=4)
     labels = {k: [] for k in sizes}
     for step in range(18):  # 72 slots: >= 7 epochs of B, 7 epochs of A.
         for k in sizes:
@@ -208,9 +206,7 @@ def test_state_is_json_and_checked():
 def test_eval_iterator_covers_every_example_once_with_mask():
     src = array_source(10)
     transform = image_transform(center_resize, size=6)
-    it = epoch_iterator(
-        src, batch_size=4, transform=transform, process_index=0, process_count=1
-    )
+    it = epoch_iterator(src, batch_size=4, transform=transform, process_index=0, process_count=1)
     batches = list(it)
     assert len(batches) == len(it) == 3
     mask = np.concatenate([b["mask"] for b in batches])
@@ -220,15 +216,11 @@ def test_eval_iterator_covers_every_example_once_with_mask():
     np.testing.assert_array_equal(index[mask], np.arange(10))
     np.testing.assert_array_equal(labels[mask], np.arange(10))
     assert all(b["image"].shape == (4, 6, 6, 3) for b in batches)
-    np.testing.assert_array_equal(
-        batches[1]["image"][0], center_resize(src[4]["image"], size=6)
-    )
+    np.testing.assert_array_equal(batches[1]["image"][0], center_resize(src[4]["image"], size=6))
     # Two processes: same number of batches each, union covers each example once.
     seen = []
     for p in range(2):
-        it = epoch_iterator(
-            src, batch_size=4, process_index=p, process_count=2, prefetch=0
-        )
+        it = epoch_iterator(src, batch_size=4, process_index=p, process_count=2, prefetch=0)
         assert len(list(it)) == 3
         for b in it:
             assert b["mask"].shape == (2,)
@@ -242,9 +234,7 @@ def test_to_global_makes_jax_arrays():
 
     mesh = Mesh(np.array(jax.devices()), ("data",))
     sharding = NamedSharding(mesh, PartitionSpec("data"))
-    batch = make_loader(
-        {"A": array_source(10)}, global_batch_size=len(jax.devices()) * 2
-    ).batch(0)
+    batch = make_loader({"A": array_source(10)}, global_batch_size=len(jax.devices()) * 2).batch(0)
     out = pipeline.to_global(batch, sharding)
     assert isinstance(out["A"]["image"], jax.Array)
     np.testing.assert_array_equal(np.asarray(out["A"]["image"]), batch["A"]["image"])
@@ -256,17 +246,13 @@ def test_to_global_makes_jax_arrays():
 def test_image_transforms_shapes_and_determinism():
     image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     out = resize_crop_flip(image, np.random.default_rng(1), load_size=16, crop_size=12)
-    again = resize_crop_flip(
-        image, np.random.default_rng(1), load_size=16, crop_size=12
-    )
+    again = resize_crop_flip(image, np.random.default_rng(1), load_size=16, crop_size=12)
     assert out.shape == (12, 12, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(out, again)
     crop = random_crop_flip(image, np.random.default_rng(2), crop_size=10, flip=False)
     assert crop.shape == (10, 10, 3)
     assert any(
-        np.array_equal(crop, image[t : t + 10, l : l + 10])
-        for t in range(11)
-        for l in range(21)
+        np.array_equal(crop, image[t : t + 10, l : l + 10]) for t in range(11) for l in range(21)
     )
     assert center_resize(image, size=10).shape == (10, 10, 3)
     with pytest.raises(ValueError, match="crop_size=20 is larger than load_size=16"):
@@ -274,12 +260,8 @@ def test_image_transforms_shapes_and_determinism():
 
 
 def test_image_smaller_than_crop_names_size_and_file(tmp_path):
-    with pytest.raises(
-        ValueError, match=r"image of size 8x8 \(HxW\) is smaller than crop_size=16"
-    ):
-        random_crop_flip(
-            np.zeros((8, 8, 3), np.uint8), np.random.default_rng(0), crop_size=16
-        )
+    with pytest.raises(ValueError, match=r"image of size 8x8 \(HxW\) is smaller than crop_size=16"):
+        random_crop_flip(np.zeros((8, 8, 3), np.uint8), np.random.default_rng(0), crop_size=16)
     folder = tmp_path / "imgs"
     folder.mkdir()
     write_png(folder / "small.png", np.zeros((8, 8, 3), np.uint8))
@@ -288,9 +270,7 @@ def test_image_smaller_than_crop_names_size_and_file(tmp_path):
         global_batch_size=2,
         transforms={"A": image_transform(random_crop_flip, crop_size=16)},
     )
-    with pytest.raises(
-        ValueError, match=r"stream 'A', file .*small\.png.*8x8.*crop_size=16"
-    ):
+    with pytest.raises(ValueError, match=r"stream 'A', file .*small\.png.*8x8.*crop_size=16"):
         loader.batch(0)
 
 
@@ -318,9 +298,7 @@ def test_folder_source_lists_sorted_images_and_converts_modes(tmp_path):
         "d_palette.png",
     ]
     np.testing.assert_array_equal(src[0]["image"], rgb)
-    np.testing.assert_array_equal(
-        src[1]["image"], np.repeat(gray[..., None], 3, axis=-1)
-    )
+    np.testing.assert_array_equal(src[1]["image"], np.repeat(gray[..., None], 3, axis=-1))
     np.testing.assert_array_equal(src[2]["image"], rgb)  # Alpha dropped.
     assert src[3]["image"].shape == (4, 5, 3) and src[3]["image"].dtype == np.uint8
     src.validate()
@@ -339,9 +317,7 @@ def test_folder_source_lists_sorted_images_and_converts_modes(tmp_path):
 def test_sixteen_bit_grayscale_is_rescaled(tmp_path):
     wide = np.array([[0, 257, 65535]], dtype=np.uint16)
     Image.fromarray(wide).save(tmp_path / "deep.png")
-    np.testing.assert_array_equal(
-        load_image_file(tmp_path / "deep.png")[0, :, 0], [0, 1, 255]
-    )
+    np.testing.assert_array_equal(load_image_file(tmp_path / "deep.png")[0, :, 0], [0, 1, 255])
 
 
 def test_missing_and_empty_folders(tmp_path):
@@ -403,13 +379,9 @@ def test_cyclegan_folder_layout(tmp_path):
 
 def test_array_source_validation():
     images = np.zeros((4, 8, 8, 3), np.uint8)
-    with pytest.raises(
-        ValueError, match=r"different lengths \{'image': 4, 'label': 3\}"
-    ):
+    with pytest.raises(ValueError, match=r"different lengths \{'image': 4, 'label': 3\}"):
         ArraySource({"image": images, "label": np.arange(3)})
-    with pytest.raises(
-        ValueError, match=r"array 'image' has shape \(4, 8, 8, 1\) and dtype uint8"
-    ):
+    with pytest.raises(ValueError, match=r"array 'image' has shape \(4, 8, 8, 1\) and dtype uint8"):
         ArraySource({"image": np.zeros((4, 8, 8, 1), np.uint8)})
     with pytest.raises(
         ValueError, match=r"array 'image' has shape \(4, 8, 8, 3\) and dtype float32"
@@ -436,14 +408,10 @@ def test_npz_source(tmp_path):
     np.testing.assert_array_equal(NpzSource(tmp_path / "rgba.npz")[1]["image"], rgb[1])
 
     np.savez(tmp_path / "x.npz", x=rgb)
-    with pytest.raises(
-        ValueError, match=r"no array named 'images'; arrays present: \['x'\]"
-    ):
+    with pytest.raises(ValueError, match=r"no array named 'images'; arrays present: \['x'\]"):
         NpzSource(tmp_path / "x.npz")
     np.savez(tmp_path / "rank.npz", images=np.zeros((5, 6), np.uint8))
-    with pytest.raises(
-        ValueError, match=r"'images' has shape \(5, 6\); expected \[N, H, W, 3\]"
-    ):
+    with pytest.raises(ValueError, match=r"'images' has shape \(5, 6\); expected \[N, H, W, 3\]"):
         NpzSource(tmp_path / "rank.npz")
     np.savez(tmp_path / "chan.npz", images=np.zeros((5, 6, 6, 2), np.uint8))
     with pytest.raises(ValueError, match=r"shape \(5, 6, 6, 2\)"):
@@ -486,9 +454,7 @@ def test_examples_of_different_shapes_are_reported(tmp_path):
     write_png(tmp_path / "a.png", np.zeros((4, 4, 3), np.uint8))
     write_png(tmp_path / "b.png", np.zeros((6, 4, 3), np.uint8))
     loader = make_loader({"A": FolderSource(tmp_path)}, global_batch_size=2)
-    with pytest.raises(
-        ValueError, match=r"stream 'A' step 0: field 'image' has different shapes"
-    ):
+    with pytest.raises(ValueError, match=r"stream 'A' step 0: field 'image' has different shapes"):
         loader.batch(0)
 
 
@@ -567,13 +533,9 @@ def test_tfds_not_prepared_raises_fast_without_download(tmp_path, no_network):
         match=r"TFDS dataset 'mnist' is not prepared in data_dir=.*tfds build",
     ):
         TfdsSource("mnist", split="train", data_dir=tmp_path)
-    with pytest.raises(
-        FileNotFoundError, match=r"'cycle_gan/horse2zebra' is not prepared"
-    ):
+    with pytest.raises(FileNotFoundError, match=r"'cycle_gan/horse2zebra' is not prepared"):
         tfds_cyclegan("cycle_gan/horse2zebra", "train", data_dir=tmp_path)
-    with pytest.raises(
-        FileNotFoundError, match="neither a known tfds dataset nor prepared"
-    ):
+    with pytest.raises(FileNotFoundError, match="neither a known tfds dataset nor prepared"):
         TfdsSource("no_such_dataset_ganda", split="train", data_dir=tmp_path)
     assert time.monotonic() - start < 3.0
     downloaded = [f for _, _, files in os.walk(tmp_path) for f in files]
@@ -613,9 +575,7 @@ def test_tfds_prepared_dataset_is_read_with_random_access(tmp_path, no_network):
         file_format="array_record",
         download_config=tfds.download.DownloadConfig(try_download_gcs=False),
     )
-    streams = tfds_cyclegan(
-        "ganda_test_tiny_pairs", "train", data_dir=tmp_path, label_key="label"
-    )
+    streams = tfds_cyclegan("ganda_test_tiny_pairs", "train", data_dir=tmp_path, label_key="label")
     assert (len(streams["A"]), len(streams["B"])) == (5, 3)
     example = streams["B"][2]
     assert example["image"].shape == (6, 6, 3) and example["image"].dtype == np.uint8
@@ -628,9 +588,7 @@ def test_tfds_prepared_dataset_is_read_with_random_access(tmp_path, no_network):
         assert int(ex["label"]) == int(ex["image"][0, 0, 0]) % 3
     batch = make_loader(streams, global_batch_size=4).batch(1)
     assert batch["A"]["image"].shape == (4, 6, 6, 3)
-    with pytest.raises(
-        ValueError, match=r"has no split 'valid'; splits: \['trainA', 'trainB'\]"
-    ):
+    with pytest.raises(ValueError, match=r"has no split 'valid'; splits: \['trainA', 'trainB'\]"):
         TfdsSource("ganda_test_tiny_pairs", split="valid", data_dir=tmp_path)
     with pytest.raises(ValueError, match=r"has no feature 'segmentation'"):
         TfdsSource(

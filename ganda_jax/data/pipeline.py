@@ -229,9 +229,7 @@ def image_transform(
 
     def transform(example: Example, rng: np.random.Generator) -> Example:
         if field not in example:
-            raise KeyError(
-                f"example has no field {field!r} (fields: {sorted(example)})"
-            )
+            raise KeyError(f"example has no field {field!r} (fields: {sorted(example)})")
         out = dict(example)
         out[field] = fn(example[field], rng, **kwargs)
         return out
@@ -287,9 +285,7 @@ class _Workers:
 
     def __init__(self, num_threads: int, name: str):
         if not isinstance(num_threads, int) or num_threads < 0:
-            raise ValueError(
-                f"num_threads must be an integer >= 0, got {num_threads!r}"
-            )
+            raise ValueError(f"num_threads must be an integer >= 0, got {num_threads!r}")
         self._num_threads = num_threads
         self._name = name
         self._pool: ThreadPoolExecutor | None = None
@@ -300,9 +296,7 @@ class _Workers:
             return [fn(*a) for a in args]
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(
-                    self._num_threads, thread_name_prefix=self._name
-                )
+                self._pool = ThreadPoolExecutor(self._num_threads, thread_name_prefix=self._name)
             pool = self._pool
         futures: list[Future] = [pool.submit(fn, *a) for a in args]
         try:
@@ -321,8 +315,7 @@ class _Workers:
 def _check_source(name: str, source: Any) -> int:
     if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
         raise TypeError(
-            f"stream {name!r}: a source needs __len__ and __getitem__, got "
-            f"{type(source).__name__}"
+            f"stream {name!r}: a source needs __len__ and __getitem__, got {type(source).__name__}"
         )
     n = len(source)
     if n <= 0:
@@ -330,9 +323,7 @@ def _check_source(name: str, source: Any) -> int:
     return n
 
 
-def _process_defaults(
-    process_index: int | None, process_count: int | None
-) -> tuple[int, int]:
+def _process_defaults(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
         import jax
 
@@ -341,16 +332,9 @@ def _process_defaults(
         if process_count is None:
             process_count = jax.process_count()
     if not isinstance(process_count, (int, np.integer)) or process_count < 1:
-        raise ValueError(
-            f"process_count must be a positive integer, got {process_count!r}"
-        )
-    if (
-        not isinstance(process_index, (int, np.integer))
-        or not 0 <= process_index < process_count
-    ):
-        raise ValueError(
-            f"process_index must be in [0, {process_count}), got {process_index!r}"
-        )
+        raise ValueError(f"process_count must be a positive integer, got {process_count!r}")
+    if not isinstance(process_index, (int, np.integer)) or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
     return int(process_index), int(process_count)
 
 
@@ -403,9 +387,7 @@ def prefetch_iterator(
                 kind, payload = q.get(timeout=0.1)
             except queue.Empty:
                 if not thread.is_alive() and q.empty():
-                    raise RuntimeError(
-                        f"{name}: the prefetch thread died unexpectedly"
-                    ) from None
+                    raise RuntimeError(f"{name}: the prefetch thread died unexpectedly") from None
                 continue
             if kind == _ITEM:
                 yield payload
@@ -496,9 +478,7 @@ class Loader:
         if not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"prefetch must be an integer >= 0, got {prefetch!r}")
 
-        self.process_index, self.process_count = _process_defaults(
-            process_index, process_count
-        )
+        self.process_index, self.process_count = _process_defaults(process_index, process_count)
         self.global_batch_size = int(global_batch_size)
         if self.global_batch_size % self.process_count:
             raise ValueError(
@@ -511,13 +491,9 @@ class Loader:
         self.prefetch = prefetch
 
         self._streams = dict(streams)
-        self._sizes = {
-            name: _check_source(name, src) for name, src in self._streams.items()
-        }
+        self._sizes = {name: _check_source(name, src) for name, src in self._streams.items()}
         if transforms is None:
-            self._transforms: dict[str, Transform | None] = {
-                n: None for n in self._streams
-            }
+            self._transforms: dict[str, Transform | None] = {n: None for n in self._streams}
         elif callable(transforms) and not isinstance(transforms, Mapping):
             self._transforms = {n: transforms for n in self._streams}
         elif isinstance(transforms, Mapping):
@@ -546,9 +522,7 @@ class Loader:
 
     def epoch(self, step: int) -> dict[str, float]:
         """How many epochs of each stream have been consumed before ``step``."""
-        return {
-            n: step * self.global_batch_size / size for n, size in self._sizes.items()
-        }
+        return {n: step * self.global_batch_size / size for n, size in self._sizes.items()}
 
     def _permutation(self, name: str, epoch: int) -> np.ndarray:
         key = (name, epoch)
@@ -585,11 +559,7 @@ class Loader:
 
     @staticmethod
     def _check_step(step: Any) -> int:
-        if (
-            not isinstance(step, (int, np.integer))
-            or isinstance(step, bool)
-            or step < 0
-        ):
+        if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         return int(step)
 
@@ -608,9 +578,7 @@ class Loader:
                     "transform return the example?)"
                 )
         except Exception as e:
-            context = (
-                f"stream {name!r}, {describe_example(source, index)} (step {step})"
-            )
+            context = f"stream {name!r}, {describe_example(source, index)} (step {step})"
             raise _with_context(e, context) from e
         return dict(example)
 
@@ -631,9 +599,7 @@ class Loader:
         out = {}
         b = self.local_batch_size
         for j, name in enumerate(self._streams):
-            out[name] = _stack(
-                examples[j * b : (j + 1) * b], f"stream {name!r} step {step}"
-            )
+            out[name] = _stack(examples[j * b : (j + 1) * b], f"stream {name!r} step {step}")
         return out
 
     def iterate(
@@ -672,26 +638,18 @@ class Loader:
         if not isinstance(state, Mapping) or "step" not in state:
             raise ValueError(f"not a loader state: {state!r:.200}")
         if state.get("version", _STATE_VERSION) != _STATE_VERSION:
-            raise ValueError(
-                f"loader state version {state.get('version')} is not supported"
-            )
+            raise ValueError(f"loader state version {state.get('version')} is not supported")
         mine = self.state(0)
         problems = []
         for key in ("seed", "global_batch_size"):
             if key in state and state[key] != mine[key]:
-                problems.append(
-                    f"{key}: checkpoint {state[key]!r} vs now {mine[key]!r}"
-                )
+                problems.append(f"{key}: checkpoint {state[key]!r} vs now {mine[key]!r}")
         if "stream_sizes" in state:
             theirs = dict(state["stream_sizes"])
             if theirs != mine["stream_sizes"]:
-                problems.append(
-                    f"stream_sizes: checkpoint {theirs} vs now {mine['stream_sizes']}"
-                )
+                problems.append(f"stream_sizes: checkpoint {theirs} vs now {mine['stream_sizes']}")
         if problems:
-            raise ValueError(
-                "loader state does not match this loader: " + "; ".join(problems)
-            )
+            raise ValueError("loader state does not match this loader: " + "; ".join(problems))
         return self._check_step(state["step"])
 
     def close(self) -> None:
@@ -759,12 +717,8 @@ class EpochIterator:
             or isinstance(batch_size, bool)
             or batch_size <= 0
         ):
-            raise ValueError(
-                f"batch_size must be a positive integer, got {batch_size!r}"
-            )
-        self.process_index, self.process_count = _process_defaults(
-            process_index, process_count
-        )
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.process_index, self.process_count = _process_defaults(process_index, process_count)
         if batch_size % self.process_count:
             raise ValueError(
                 f"batch_size={batch_size} is not divisible by process_count="
@@ -790,17 +744,11 @@ class EpochIterator:
         try:
             example = self.source[index]
             if self.transform is not None:
-                example = self.transform(
-                    example, np.random.default_rng([self.seed, index])
-                )
+                example = self.transform(example, np.random.default_rng([self.seed, index]))
             if not isinstance(example, Mapping):
-                raise TypeError(
-                    f"expected a dict example, got {type(example).__name__}"
-                )
+                raise TypeError(f"expected a dict example, got {type(example).__name__}")
         except Exception as e:
-            raise _with_context(
-                e, f"eval source, {describe_example(self.source, index)}"
-            ) from e
+            raise _with_context(e, f"eval source, {describe_example(self.source, index)}") from e
         for key in (self.mask_key, self.index_key):
             if key in example:
                 raise ValueError(

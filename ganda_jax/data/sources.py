@@ -87,9 +87,7 @@ def _check_index(index: Any, length: int, what: str) -> int:
     try:
         i = operator.index(index)  # int and numpy integers; not floats/bools-as-arrays
     except TypeError:
-        raise TypeError(
-            f"{what}: index must be an integer, got {type(index).__name__}"
-        ) from None
+        raise TypeError(f"{what}: index must be an integer, got {type(index).__name__}") from None
     if i < 0:
         i += length
     if not 0 <= i < length:
@@ -189,14 +187,10 @@ def _reason(e: BaseException) -> str:
 
 def _check_convert_mode(convert_mode: str) -> None:
     if convert_mode not in _CONVERT_MODES:
-        raise ValueError(
-            f"convert_mode must be one of {_CONVERT_MODES}, got {convert_mode!r}"
-        )
+        raise ValueError(f"convert_mode must be one of {_CONVERT_MODES}, got {convert_mode!r}")
 
 
-def load_image_file(
-    path: str | os.PathLike[str], *, convert_mode: str = "rgb"
-) -> np.ndarray:
+def load_image_file(path: str | os.PathLike[str], *, convert_mode: str = "rgb") -> np.ndarray:
     """Decodes one image file to a uint8 ``[H, W, 3]`` RGB array.
 
     Args:
@@ -251,9 +245,7 @@ class ArraySource:
 
     def __init__(self, arrays: Mapping[str, np.ndarray], *, name: str = "ArraySource"):
         if not isinstance(arrays, Mapping) or not arrays:
-            raise ValueError(
-                f"{name}: expected a non-empty dict of arrays, got {arrays!r:.80}"
-            )
+            raise ValueError(f"{name}: expected a non-empty dict of arrays, got {arrays!r:.80}")
         self._name = name
         checked: dict[str, np.ndarray] = {}
         length = None
@@ -274,9 +266,7 @@ class ArraySource:
             if length is None:
                 length = arr.shape[0]
             elif arr.shape[0] != length:
-                lengths = {
-                    k: np.shape(v)[0] if np.ndim(v) else None for k, v in arrays.items()
-                }
+                lengths = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in arrays.items()}
                 raise ValueError(
                     f"{name}: arrays have different lengths {lengths}; all must have "
                     "the same first dimension"
@@ -307,17 +297,13 @@ class ArraySource:
         return f"{self._name} index {index}"
 
     def __repr__(self) -> str:
-        shapes = ", ".join(
-            f"{k}: {v.dtype}{list(v.shape)}" for k, v in self._arrays.items()
-        )
+        shapes = ", ".join(f"{k}: {v.dtype}{list(v.shape)}" for k, v in self._arrays.items())
         return f"{type(self).__name__}({shapes})"
 
 
 def _labels_to_int32(labels: np.ndarray, what: str) -> np.ndarray:
     if labels.ndim != 1:
-        raise ValueError(
-            f"{what} has shape {labels.shape}; labels must be [N] integers"
-        )
+        raise ValueError(f"{what} has shape {labels.shape}; labels must be [N] integers")
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{what} has dtype {labels.dtype}; labels must be integers")
     if labels.size and (
@@ -413,9 +399,7 @@ def _list_images(root: Path, recursive: bool) -> list[Path]:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for fname in filenames:
-                if not fname.startswith(".") and fname.lower().endswith(
-                    IMAGE_EXTENSIONS
-                ):
+                if not fname.startswith(".") and fname.lower().endswith(IMAGE_EXTENSIONS):
                     p = Path(dirpath) / fname
                     found.append((p.relative_to(root).as_posix(), p))
     else:
@@ -502,9 +486,7 @@ class FolderSource:
                     mode = img.mode
                     img.verify()
             except Exception as e:
-                raise ValueError(
-                    f"cannot decode image file {path}: {_reason(e)}"
-                ) from e
+                raise ValueError(f"cannot decode image file {path}: {_reason(e)}") from e
             if self.convert_mode == "error" and mode != "RGB":
                 raise ValueError(
                     f"image file {path} has mode {mode!r}, expected RGB (use "
@@ -607,9 +589,7 @@ def _prepared_builder(name: str, data_dir: str | os.PathLike[str] | None):
             f"in {where} (check the name)"
         ) from None
     except Exception as e:
-        raise ValueError(
-            f"cannot open TFDS dataset {name!r} in {where}: {_reason(e)}"
-        ) from e
+        raise ValueError(f"cannot open TFDS dataset {name!r} in {where}: {_reason(e)}") from e
     if not builder.is_prepared():
         raise FileNotFoundError(
             f"TFDS dataset {name!r} is not prepared in {where} (looked for "
@@ -662,9 +642,7 @@ class TfdsSource:
                 raise ValueError(
                     f"TFDS dataset {name!r} has no split {base!r}; splits: {known_splits}"
                 )
-        feature_keys = (
-            list(info.features.keys()) if hasattr(info.features, "keys") else []
-        )
+        feature_keys = list(info.features.keys()) if hasattr(info.features, "keys") else []
         self._fields: dict[str, str] = {"image": image_key}
         if label_key is not None:
             self._fields["label"] = label_key
@@ -723,9 +701,7 @@ class TfdsSource:
         return f"TFDS {self.name}[{self.split}] record {index}"
 
     def __repr__(self) -> str:
-        return (
-            f"TfdsSource({self.name!r}, split={self.split!r}, {self._length} examples)"
-        )
+        return f"TfdsSource({self.name!r}, split={self.split!r}, {self._length} examples)"
 
 
 def tfds_cyclegan(
