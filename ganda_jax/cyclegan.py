@@ -29,13 +29,12 @@ fixed-size arrays, so it is jit-friendly, checkpointed and resumed exactly.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ganda_jax import engine, evaluation, image_metrics, losses
+from ganda_jax import engine, image_metrics, losses, translation_eval
 from ganda_jax.data import datasets
 from ganda_jax.layers import PatchDiscriminator, ResnetGenerator
 
@@ -68,7 +67,7 @@ def image_pool_query(*, pool, count, images, rng, pool_size: int):
     return out, pool, count
 
 
-class CycleGAN(engine.Method):
+class CycleGAN(translation_eval.TranslationEvalMixin, engine.Method):
     name = "cyclegan"
     players = {"G_AB": "G", "G_BA": "G", "D_A": "D", "D_B": "D"}
 
@@ -180,79 +179,3 @@ class CycleGAN(engine.Method):
             "pool_count_B": count_b,
         }
         return loss_a + loss_b, {"metrics": {"D/A": loss_a, "D/B": loss_b}, "extra": extra}
-
-    # --- evaluation -------------------------------------------------------------
-    @functools.cached_property
-    def _translate_fn(self):
-        def fn(params, batch):
-            a = image_metrics.from_uint8(batch["A"], jnp.float32)
-            b = image_metrics.from_uint8(batch["B"], jnp.float32)
-            return {
-                "fake_B": self.generate(params, a, "AtoB"),
-                "fake_A": self.generate(params, b, "BtoA"),
-            }
-
-        return fn
-
-    def evaluate(self, state, mesh):
-        """PSNR of G_AB(a) against the true counterpart b (and reverse) on the test split.
-
-        Only sources with a hidden ground truth (the embedded pair) have one;
-        the identity baselines PSNR(a, b) are written next to the scores, and the
-        PSNR of always predicting the mean training image of the target domain.
-        """
-        test = datasets.paired_test(self.config.data, self.config.image_size)
-        if test is None:
-            return {}
-        out = evaluation.batched_apply(
-            self._translate_fn,
-            state.params,
-            {"A": test["A"], "B": test["B"]},
-            mesh=mesh,
-            batch_size=self.config.eval_batch_size,
-        )
-        a = image_metrics.from_uint8(test["A"], np.float32)
-        b = image_metrics.from_uint8(test["B"], np.float32)
-        identity = float(image_metrics.psnr(x=a, y=b))
-        # A stronger trivial baseline than identity: always predict the mean training image.
-        mean_a, mean_b = (
-            image_metrics.from_uint8(
-                datasets.embedded_train_mean(self.config.data, a.shape[1], d), np.float32
-            )
-            for d in ("A", "B")
-        )
-        return {
-            "eval/psnr_mean_image_AtoB": float(
-                image_metrics.psnr(x=np.broadcast_to(mean_b, b.shape), y=b)
-            ),
-            "eval/psnr_mean_image_BtoA": float(
-                image_metrics.psnr(x=np.broadcast_to(mean_a, a.shape), y=a)
-            ),
-            "eval/psnr_AtoB": float(image_metrics.psnr(x=out["fake_B"], y=b)),
-            "eval/psnr_BtoA": float(image_metrics.psnr(x=out["fake_A"], y=a)),
-            "eval/psnr_identity_AtoB": identity,
-            "eval/psnr_identity_BtoA": identity,
-        }
-
-    def samples(self, state, batch):
-        """Grids with rows real, translated, reconstructed (and the hidden truth when known)."""
-        from ganda_jax.writers import image_grid
-
-        test = datasets.paired_test(self.config.data, self.config.image_size)
-        n = 4
-        if test is not None:
-            a, b = test["A"][:n], test["B"][:n]
-        else:
-            a, b = np.asarray(batch["A"]["image"][:n]), np.asarray(batch["B"]["image"][:n])
-        p = jax.device_get(state.params)
-        fa, fb = image_metrics.from_uint8(a, jnp.float32), image_metrics.from_uint8(b, jnp.float32)
-        fake_b = self.generate(p, fa, "AtoB")
-        fake_a = self.generate(p, fb, "BtoA")
-        rec_a = self.generate(p, fake_b, "BtoA")
-        rec_b = self.generate(p, fake_a, "AtoB")
-        rows_ab = [fa, fake_b, rec_a] + ([fb] if test is not None else [])
-        rows_ba = [fb, fake_a, rec_b] + ([fa] if test is not None else [])
-        return {
-            "AtoB": image_grid([np.asarray(r) for r in rows_ab]),
-            "BtoA": image_grid([np.asarray(r) for r in rows_ba]),
-        }

@@ -77,7 +77,6 @@ smaller images: the image side must be a multiple of ``2**num_downs``.
 
 from __future__ import annotations
 
-import functools
 
 import flax.linen as nn
 import jax
@@ -295,7 +294,7 @@ def _distance(kind: str, x, y):
     raise ValueError(f"unknown distance {kind!r}; expected 'l1' or 'l2'")
 
 
-class DiscoGAN(engine.Method):
+class DiscoGAN(translation_eval.TranslationEvalMixin, engine.Method):
     name = "discogan"
     players = {"G_AB": "G", "G_BA": "G", "D_A": "D", "D_B": "D"}
 
@@ -351,7 +350,7 @@ class DiscoGAN(engine.Method):
             return {PAIRED_STREAM: {f: image for f in PAIRED_FIELDS.values()}}
         return {"A": {"image": image}, "B": {"image": image}}
 
-    def _images(self, batch):
+    def sample_images(self, batch):
         """``(a, b)`` uint8 images of a host/global batch in either layout."""
         if PAIRED_STREAM in batch:
             pair = batch[PAIRED_STREAM]
@@ -359,7 +358,7 @@ class DiscoGAN(engine.Method):
         return batch["A"]["image"], batch["B"]["image"]
 
     def prepare(self, batch):
-        a, b = self._images(batch)
+        a, b = self.sample_images(batch)
         return {
             "A": image_metrics.from_uint8(a, jnp.float32),
             "B": image_metrics.from_uint8(b, jnp.float32),
@@ -435,31 +434,3 @@ class DiscoGAN(engine.Method):
             loss_type=cfg.gan,
         )
         return loss_a + loss_b, {"metrics": {"D/A": loss_a, "D/B": loss_b}}
-
-    # --- evaluation -------------------------------------------------------------
-    @functools.cached_property
-    def _translate_fn(self):
-        return translation_eval.make_translate_fn(self.generate)
-
-    def evaluate(self, state, mesh):
-        """PSNR against the hidden counterparts of the embedded pair (see translation_eval)."""
-        return translation_eval.embedded_pair_psnr(
-            self._translate_fn,
-            state.params,
-            self.config.data,
-            self.config.image_size,
-            mesh=mesh,
-            batch_size=self.config.eval_batch_size,
-        )
-
-    def samples(self, state, batch):
-        """Rows real, translated, reconstructed (and the hidden truth when known)."""
-        a, b = self._images(batch)
-        return translation_eval.sample_grids(
-            self.generate,
-            state.params,
-            self.config.data,
-            self.config.image_size,
-            train_a=np.asarray(a),
-            train_b=np.asarray(b),
-        )

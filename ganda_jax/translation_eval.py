@@ -10,6 +10,7 @@ on other sources it returns nothing.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -128,3 +129,47 @@ def sample_grids(
         "AtoB": image_grid([np.asarray(r) for r in rows_ab]),
         "BtoA": image_grid([np.asarray(r) for r in rows_ba]),
     }
+
+
+class TranslationEvalMixin:
+    """``evaluate`` and ``samples`` for a two-generator translation method.
+
+    The method provides ``generate(params, x, direction)`` and, when its batch
+    layout is not ``{'A': {'image'}, 'B': {'image'}}``, ``sample_images(batch)``.
+    """
+
+    config: Any
+
+    def generate(self, params, x, direction: str):
+        raise NotImplementedError
+
+    def sample_images(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        """``(a, b)`` uint8 training images of a batch (used when there is no hidden truth)."""
+        return np.asarray(batch["A"]["image"]), np.asarray(batch["B"]["image"])
+
+    @functools.cached_property
+    def _translate_fn(self):
+        return make_translate_fn(self.generate)
+
+    def evaluate(self, state, mesh):
+        """PSNR against the hidden counterparts of the embedded pair (:func:`embedded_pair_psnr`)."""
+        return embedded_pair_psnr(
+            self._translate_fn,
+            state.params,
+            self.config.data,
+            self.config.image_size,
+            mesh=mesh,
+            batch_size=self.config.eval_batch_size,
+        )
+
+    def samples(self, state, batch):
+        """Rows real, translated, reconstructed (and the hidden truth when known)."""
+        a, b = self.sample_images(batch)
+        return sample_grids(
+            self.generate,
+            state.params,
+            self.config.data,
+            self.config.image_size,
+            train_a=np.asarray(a),
+            train_b=np.asarray(b),
+        )
