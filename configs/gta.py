@@ -1,0 +1,72 @@
+"""GTA, Generate To Adapt (Sankaranarayanan et al. 2018).
+
+  python train.py --config=configs/gta.py --workdir=/tmp/gta
+  python train.py --config=configs/gta.py:runlocal --workdir=/tmp/gta_tiny
+  python train.py --config=configs/gta.py:svhn --config.data.data_dir=DIR --workdir=...
+      # prepared tfds svhn_cropped -> mnist, the paper's digit setting
+
+Default: the embedded digits pair (32x32; clean source strokes -> textured,
+slanted, bent target strokes) with CPU-sized networks (ndf=32, ngf=16, nz=64), the
+reference's loss weights (adv_weight 0.1, target factor 0.3) and optimizer
+(Adam lr 5e-4, b1 0.8), batch 32.
+
+``paper``: the reference code's digit settings (main.py defaults: ndf=ngf=64,
+nz=512, batch 100, Adam(5e-4, b1=0.8, b2=0.999) for all four networks, 100
+epochs; here 73,200 steps = 100 epochs of SVHN's 73,257 training images at
+batch 100). Its lr decay (``--lrd 1e-4``) is left out (formula not checked).
+``svhn``: tfds ``svhn_cropped`` -> ``mnist`` (grayscale MNIST becomes RGB,
+resized to 32x32), paper setting; the target's test split is used for
+evaluation only.
+"""
+
+from ganda_jax import config_lib
+from ganda_jax.data import da
+
+VARIANTS = {"runlocal", "paper", "svhn"}
+
+
+def get_config(arg=None):
+    variants = config_lib.parse_variants(arg, VARIANTS)
+    c = config_lib.base("gta")
+    c.batch_size = 32
+    c.num_train_steps = 1500
+    c.image_size = 32
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 500
+    c.eval_batch_size = 500
+    c.data = da.data_block(num_train=10000, num_test=2000, flip=False)
+    c.model = {
+        "ndf": 32,  # F (embedding 2 ndf), C (hidden 2 ndf) and D widths, coupled as in the reference
+        "ngf": 16,
+        "nz": 64,
+    }
+    c.loss = {
+        "adv_weight": 0.1,  # a: weight of F's auxiliary-classifier and target adversarial terms
+        "target_adv_factor": 0.3,  # b: extra factor on the target adversarial term (reference alpha)
+    }
+    adam = lambda: config_lib.adam(5e-4, 0.8, 0.999)
+    # F_src and C_src (the source-only baseline) use the F and C blocks.
+    c.optimizer = {"F": adam(), "C": adam(), "G": adam(), "D": adam()}
+
+    if variants & {"paper", "svhn"}:
+        c.batch_size = 100
+        c.num_train_steps = 73_200
+        c.checkpoint_every_steps = 5000
+        c.log_every_steps = 500
+        c.model.ndf = c.model.ngf = 64
+        c.model.nz = 512
+    if "svhn" in variants:
+        c.data.source = "tfds"
+        c.data.name = "svhn_cropped"
+        c.data.target_name = "mnist"
+        c.data.num_train = c.data.num_test = 0  # whole splits
+    if "runlocal" in variants:
+        c.batch_size = 4
+        c.num_train_steps = 4
+        c.data.num_train, c.data.num_test = 32, 16
+        c.model.ndf, c.model.ngf, c.model.nz = 4, 4, 8
+        c.log_every_steps = 2
+        c.checkpoint_every_steps = 2
+        c.eval_batch_size = 8
+    c.lock()
+    return c
