@@ -74,19 +74,15 @@ def _check(data, image_size: int) -> str:
     return data.source
 
 
-def _tfds_split(split: str, num: int) -> str:
-    return f"{split}[:{num}]" if num > 0 else split
-
-
 @functools.lru_cache(maxsize=8)
-def _embedded(domain: str, split: str, num: int, seed: int) -> dict[str, np.ndarray]:
+def embedded_digits(domain: str, split: str, num: int, seed: int) -> dict[str, np.ndarray]:
     return synthetic.digits(domain=domain, split=split, num=num, seed=seed)
 
 
 def _tfds_source(data, domain: str, split: str, num: int, labels: bool):
     return sources.TfdsSource(
         data.name if domain == "source" else data.target_name,
-        split=_tfds_split(split, num),
+        split=sources.first_n(split, num),
         data_dir=data.data_dir or None,
         label_key=data.label_key if labels else None,
     )
@@ -95,8 +91,8 @@ def _tfds_source(data, domain: str, split: str, num: int, labels: bool):
 def train_streams(data, image_size: int) -> dict:
     """``{'source': {image, label}, 'target': {image}}`` training sources."""
     if _check(data, image_size) == "embedded":
-        src = _embedded("source", "train", data.num_train, data.seed)
-        tgt = _embedded("target", "train", data.num_train, data.seed)
+        src = embedded_digits("source", "train", data.num_train, data.seed)
+        tgt = embedded_digits("target", "train", data.num_train, data.seed)
         return {
             "source": sources.ArraySource(
                 {"image": src["image"], "label": src["label"]}, name="digits source train"
@@ -117,9 +113,10 @@ def train_transforms(data, image_size: int):
 
 
 @functools.lru_cache(maxsize=4)
-def _tfds_test(
+def read_labeled(
     name: str, split: str, data_dir: str | None, label_key: str, image_size: int
 ) -> dict[str, np.ndarray]:
+    """A whole prepared tfds classification split in memory, resized (bicubic) to ``image_size``."""
     src = sources.TfdsSource(name, split=split, data_dir=data_dir, label_key=label_key)
     examples = [src[i] for i in range(len(src))]
     return {
@@ -141,10 +138,10 @@ def test_split(data, image_size: int, domain: str) -> dict[str, np.ndarray]:
     if domain not in DOMAINS:
         raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
     if _check(data, image_size) == "embedded":
-        return _embedded(domain, "test", data.num_test, data.seed)
-    return _tfds_test(
+        return embedded_digits(domain, "test", data.num_test, data.seed)
+    return read_labeled(
         data.name if domain == "source" else data.target_name,
-        _tfds_split(data.test_split, data.num_test),
+        sources.first_n(data.test_split, data.num_test),
         data.data_dir or None,
         data.label_key,
         image_size,

@@ -535,6 +535,11 @@ def cyclegan_folder(
 # ---------------------------------------------------------------------------
 
 
+def first_n(split: str, num: int) -> str:
+    """The tfds split string for the first ``num`` examples of ``split`` (all if ``num <= 0``)."""
+    return f"{split}[:{num}]" if num > 0 else split
+
+
 def _import_tfds():
     """Imports tensorflow_datasets with every network path switched off."""
     import tensorflow_datasets as tfds
