@@ -80,7 +80,10 @@ class Method:
 
     Subclasses define ``name``, ``players`` (player -> optimizer block name in
     ``config.optimizer``), and implement ``train_streams``, ``init``,
-    ``prepare``, ``phases``; ``evaluate`` and ``samples`` are optional hooks.
+    ``prepare``, ``phases``; ``evaluate``, ``samples`` and ``warm_start`` are optional hooks.
+    A multi-stage method may also define a classmethod
+    ``stage_configs(config, workdir) -> [(stage_name, stage_config)]``: the trainer then
+    trains the stages in order, each in ``workdir/<stage_name>``.
     """
 
     name: str = ""
@@ -123,6 +126,11 @@ class Method:
     def samples(self, state: TrainState, batch: PyTree) -> dict[str, Any]:
         """Named uint8 image grids for the sample writer; may be empty."""
         return {}
+
+    def warm_start(self, state: TrainState) -> TrainState:
+        """Fills a freshly initialised state from earlier runs (e.g. an earlier stage's
+        final checkpoint). Called once on a fresh init, never on resume. Default: unchanged."""
+        return state
 
 
 # ---------------------------------------------------------------------------

@@ -5,6 +5,12 @@ initialises the state (or restores the latest checkpoint in ``workdir``), and
 runs the jitted step: one XLA program per iteration with the state donated,
 the batch sharded over the ``data`` axis and the state replicated. Metrics stay
 on the device and are fetched every ``log_every_steps`` (no per-step host sync).
+
+A method with stages (a classmethod ``stage_configs(config, workdir)``, e.g.
+CyCADA's pretrain -> pixel -> feature) is trained stage by stage, each in
+``workdir/<stage>``; a finished stage is skipped on a re-run, an interrupted one
+resumes, and a later stage warm-starts (``Method.warm_start``) from the final
+checkpoint of an earlier one (:func:`restore_latest`).
 """
 
 from __future__ import annotations
@@ -37,11 +43,15 @@ METHODS = {
 }
 
 
-def get_method(config: ml_collections.ConfigDict) -> engine.Method:
+def get_method_class(config: ml_collections.ConfigDict) -> type[engine.Method]:
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}; known: {sorted(METHODS)}")
     module, cls = METHODS[config.method].split(":")
-    return getattr(importlib.import_module(module), cls)(config)
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_method(config: ml_collections.ConfigDict) -> engine.Method:
+    return get_method_class(config)(config)
 
 
 class _Preemption:
@@ -102,7 +112,9 @@ class Run:
         return pipeline.to_global(self.loader.batch(step), self.data_sharding)
 
     def init_state(self) -> engine.TrainState:
-        return self._init_fn(jax.random.PRNGKey(self.config.seed), self.global_batch(0))
+        """A fresh state, then the method's warm start (only here: a resume never calls it)."""
+        state = self._init_fn(jax.random.PRNGKey(self.config.seed), self.global_batch(0))
+        return self.method.warm_start(state)
 
     def abstract_state(self) -> engine.TrainState:
         return abstract_state(self.method, self.tx, self.replicated)
@@ -140,6 +152,53 @@ def abstract_state(method: engine.Method, tx, sharding) -> engine.TrainState:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
 
 
+def restore_latest(config: ml_collections.ConfigDict, workdir: str, sharding) -> engine.TrainState:
+    """The latest checkpointed state of ``config``'s run in ``workdir`` (for warm starts).
+
+    Raises a one-line ``FileNotFoundError`` if ``workdir`` holds no checkpoint.
+    """
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"warm start: no checkpoint in {directory}; train that run first")
+    ckpt = checkpointing.Checkpointer(directory, save_every=1, async_save=False)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(
+                f"warm start: no checkpoint in {directory}; train that run first"
+            )
+        method = get_method(config)
+        meta = ckpt.restore_meta(step)
+        if meta.get("method") != method.name:
+            raise ValueError(
+                f"warm start: {directory}/{step} is from method {meta.get('method')!r}, "
+                f"not {method.name!r}"
+            )
+        if step != int(config.num_train_steps):
+            logging.warning(
+                "warm start from %s at step %d of %d (that run is unfinished)",
+                directory,
+                step,
+                config.num_train_steps,
+            )
+        state, _ = ckpt.restore(abstract_state(method, engine.make_optimizer(method), sharding))
+        logging.info("Warm start: loaded %s at step %d.", directory, step)
+        return state
+    finally:
+        ckpt.close()
+
+
+def _finished(workdir: str, total: int) -> bool:
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return False
+    ckpt = checkpointing.Checkpointer(directory, save_every=1, async_save=False)
+    try:
+        return ckpt.latest_step() == total
+    finally:
+        ckpt.close()
+
+
 def _finite_or_raise(scalars: dict[str, float], step: int) -> None:
     bad = [k for k, v in scalars.items() if not np.isfinite(v)]
     if bad:
@@ -156,7 +215,35 @@ def train(
 
     ``max_steps`` stops early after that many total steps (with a checkpoint), as
     an interruption would; the next call continues exactly where it stopped.
+    For a method with stages the steps count over all stages, in order, and the
+    state returned is that of the last stage trained.
     """
+    parallel.maybe_initialize_distributed()  # before anything touches the backend
+    stage_configs = getattr(get_method_class(config), "stage_configs", None)
+    if stage_configs is None:
+        return _train_run(config, workdir, max_steps=max_steps, mesh=mesh)
+    plan = stage_configs(config, workdir)
+    state, offset = None, 0
+    for i, (name, cfg) in enumerate(plan):
+        stage_dir = os.path.join(workdir, name)
+        total = int(cfg.num_train_steps)
+        left = None if max_steps is None else int(max_steps) - offset
+        if left is not None and left <= 0:
+            break
+        offset += total
+        if i < len(plan) - 1 and _finished(stage_dir, total):
+            logging.info("Stage %r is finished in %s; skipping it.", name, stage_dir)
+            continue
+        logging.info("Stage %r (%d/%d) in %s.", name, i + 1, len(plan), stage_dir)
+        state = _train_run(cfg, stage_dir, max_steps=left, mesh=mesh)
+        if int(jax.device_get(state.step)) < total:  # stopped early: later stages must wait
+            break
+    return state
+
+
+def _train_run(
+    config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None, mesh=None
+) -> engine.TrainState:
     parallel.maybe_initialize_distributed()
     os.makedirs(workdir, exist_ok=True)
     run = Run(config, mesh)
