@@ -1,0 +1,684 @@
+"""CyCADA (Hoffman, Tzeng, Park, Zhu, Isola, Saenko, Efros, Darrell; ICML 2018).
+
+Cycle-consistent adversarial domain adaptation: translate the labelled source
+images into the target style with a CycleGAN that must keep their semantics,
+train the task network on the translated images, and align its features on
+the target adversarially. With ``f`` a task network (digit classifier or
+segmenter, returning logits), ``p(f, x) = argmax f(x)`` its predicted labels,
+``L_task(f, X, Y) = CE(f(X), Y)`` and ``x_st = G_st(x_s)``:
+
+    L_CyCADA = L_task(f_T, G_st(X_S), Y_S)
+             + L_GAN(G_st, D_T, X_S, X_T) + L_GAN(G_ts, D_S, X_T, X_S)      (pixel level)
+             + L_GAN(f_T, D_feat, f_T(G_st(X_S)), X_T)                      (feature level)
+             + lambda_cyc L_cyc(G_st, G_ts, X_S, X_T)
+             + lambda_sem L_sem(G_st, G_ts, X_S, X_T, f_S)
+
+    L_cyc = E|G_ts(G_st(x_s)) - x_s|_1 + E|G_st(G_ts(x_t)) - x_t|_1
+    L_sem = L_task(f_S, G_ts(X_T), p(f_S, X_T)) + L_task(f_S, G_st(X_S), p(f_S, X_S))
+
+where ``f_S`` is the source task network, trained first and then *frozen*.
+The paper trains this in stages, and so does this port; one config drives all
+of them (``config.stage``), each stage a run of its own in ``workdir/<stage>``
+that warm-starts from the final checkpoints of the stages before it
+(:meth:`CyCADA.warm_start`, :meth:`CyCADA.stage_configs`; ``stage='all'`` runs
+the three in order, a re-run resumes the interrupted one):
+
+0. **pretrain** (player ``f_S``): ``min L_task(f_S, X_S, Y_S)``.
+1. **pixel** (players ``G_st, G_ts`` | ``D_s, D_t``; ``f_S`` frozen in
+   ``TrainState.extra``, not a player). The CycleGAN of
+   :mod:`ganda_jax.cyclegan`, used by import (its A is the source, B the
+   target): LSGAN, cycle L1, optional identity loss, the 50-image pools, and
+   one iteration = a G phase, then a D phase on the fakes the generators made
+   *before* their update. The G phase adds ``semantic_weight * L_sem``; the
+   gradient of L_sem flows through the frozen ``f_S`` into the generators.
+2. **feature** (players ``D_feat`` | ``f_T`` | ``T_pix`` | ``T_src``;
+   ``G_st`` and ``f_S`` frozen in ``extra``). ``f_T`` starts from ``f_S``. Per
+   iteration, in order:
+
+   - ``D_feat``: ``L_D(D_feat(phi(f_T(x_st))) real, D_feat(phi(f_T(x_t))) fake)``;
+   - ``f_T``: ``task_weight CE(f_T(x_st), y_s) + feature_weight L_G(D_feat(phi(f_T(x_t))))``;
+   - ``T_pix`` (baseline, pixel-level adaptation only): ``CE(T_pix(x_st), y_s)``;
+   - ``T_src`` (baseline, no adaptation): ``CE(T_src(x_s), y_s)``.
+
+   ``phi`` is the discriminated representation (``model.feature``:
+   ``'logits'``, the network's output as in the paper's ``f_T(.)`` and the
+   reference's ADDA, or ``'penultimate'``). The baselines have ``f_T``'s
+   architecture, initial weights (``f_S``), optimizer block, batches and step
+   count, so ``eval/target_accuracy`` (``f_T``) next to
+   ``eval/pixel_only_accuracy`` (``T_pix``) and ``eval/source_only_accuracy``
+   (``T_src``) measures what each level of adaptation adds. All scores are on
+   the held-out labelled target *test* split (``eval/..._source_accuracy``: the
+   source test split).
+
+Task networks: digits (``config.task='classify'``) use :class:`TaskNet`, the
+reference's DTN layout (conv5x5/2 x3 with BatchNorm and channel dropout, fc,
+dropout, fc; the paper's SVHN->MNIST network); segmentation (``'segment'``,
+the ``seg`` variant) uses the small fully-convolutional :class:`SegNet`, and
+``D_feat`` is then applied at every position of the score map. ``D_feat`` is
+the reference ADDA discriminator: an MLP 500-500-1 (a 2-way softmax there;
+one logit and the same log loss here).
+
+Departures from the reference code (jhoffman/cycada_release; what is said
+about it below was read there, the paper's equations were not re-checked
+against its text beyond the definitions quoted above):
+
+- Pixel stage: the reference (cyclegan/models/cycle_gan_semantic_model.py)
+  trains its classifier ``netCLS`` *inside* the CycleGAN loop from scratch
+  (a different, small conv net, Adam 1e-3) and switches the semantic loss off
+  while that classifier's loss is above 1. Here ``f_S`` is pretrained and
+  frozen, as the paper describes, so no such gate is needed.
+- Semantic loss labels: the reference uses the *ground-truth* source labels
+  for the source term (the ``p(f_S, X_S)`` line is commented out) and
+  ``argmax f_S(x_t)`` for the target term. ``loss.semantic_source_labels``
+  chooses: ``'predicted'`` (default, the paper's ``p(f_S, X_S)``) or
+  ``'ground_truth'`` (the reference).
+- The reference doubles the G_st adversarial term (``loss_G_A = 2 * ...``)
+  and its digit script uses ``lambda_A = lambda_B = 1``, no identity loss,
+  batch 100; ``loss.adv_weight_st`` (default 1) gives the factor.
+- Feature stage: the reference runs ADDA after training a task net on the
+  translated images: a frozen source net on translated source, the target net
+  updated only when the discriminator's accuracy exceeds 0.6, and *no* task
+  loss during adaptation. Here ``f_T`` is trained on the joint objective above
+  (the paper's ``L_task(f_T, G_st(X_S), Y_S) + L_GAN(f_T, D_feat, ...)``), with
+  ``f_T``'s own features on both sides, and no accuracy gate.
+- ``f_T`` runs on the concatenated batch ``[x_st; x_t]`` so one BatchNorm
+  statistic covers both domains (the reference's ADDA runs the domains
+  through separate networks). BatchNorm is :class:`ganda_jax.layers.BatchNorm`
+  (eps 1e-5). Every evaluation uses the running averages, never batch stats.
+- The reference's CycleGAN classifier and ADDA compute accuracy on held-out
+  test loaders; so does this port, always on the target *test* split.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ganda_jax import classify_eval, cyclegan, engine, image_metrics, losses, seg_eval
+from ganda_jax.data import da, seg
+from ganda_jax.layers import BatchNorm, Dtype
+
+STAGES = ("pretrain", "pixel", "feature")
+TASKS = ("classify", "segment")
+
+# Player -> optimizer block (config.optimizer), per stage. The baselines share f_T's
+# block so their hyper-parameters are the adapted network's, by construction.
+PLAYERS = {
+    "pretrain": {"f_S": "f_S"},
+    "pixel": {"G_st": "G", "G_ts": "G", "D_s": "D", "D_t": "D"},
+    "feature": {"D_feat": "D_feat", "f_T": "f_T", "T_pix": "f_T", "T_src": "f_T"},
+}
+
+
+# ---------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------
+
+
+def _norm(kind: str, dtype):
+    if kind == "batch":
+        return BatchNorm(dtype=dtype)
+    if kind == "none":
+        return lambda x, train: x
+    raise ValueError(f"unknown task-network norm {kind!r}; expected 'batch' or 'none'")
+
+
+class TaskNet(nn.Module):
+    """DTN digit classifier: [conv5x5/2 - norm - channel dropout - ReLU] x n, fc - norm,
+    ReLU - dropout - fc. Returns float32 ``(logits [B, C], penultimate [B, hidden])``."""
+
+    features: Sequence[int] = (64, 128, 256)
+    conv_dropout: Sequence[float] = (0.1, 0.3, 0.5)
+    hidden: int = 512
+    dropout: float = 0.5
+    norm: str = "batch"
+    num_classes: int = 10
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        y = x.astype(self.dtype)
+        for f, rate in zip(self.features, self.conv_dropout):
+            y = nn.Conv(f, (5, 5), strides=(2, 2), padding=2, dtype=self.dtype)(y)
+            y = _norm(self.norm, self.dtype)(y, train=train)
+            # Dropout2d: whole channels (broadcast over H, W).
+            y = nn.Dropout(rate, broadcast_dims=(1, 2), deterministic=not train)(y)
+            y = nn.relu(y)
+        y = y.reshape(y.shape[0], -1)
+        feat = _norm(self.norm, self.dtype)(nn.Dense(self.hidden, dtype=self.dtype)(y), train=train)
+        y = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(feat))
+        logits = nn.Dense(self.num_classes, dtype=self.dtype)(y)
+        return logits.astype(jnp.float32), feat.astype(jnp.float32)
+
+
+class SegNet(nn.Module):
+    """A small FCN: conv3x3 - norm - ReLU blocks (stride 2 after the first block),
+    a 1x1 score layer at 1/2^(n-1) resolution, bilinear upsampling to the input.
+
+    Returns float32 ``(logits [B, H, W, C], score map [B, h, w, C] (the ``phi`` of
+    'logits'; 'penultimate' takes the last hidden map))``.
+    """
+
+    features: Sequence[int] = (32, 64, 128)
+    norm: str = "batch"
+    num_classes: int = 5
+    dtype: Dtype = jnp.float32
+    penultimate: bool = False
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        b, h, w, _ = x.shape
+        y = x.astype(self.dtype)
+        for i, f in enumerate(self.features):
+            stride = 1 if i == 0 else 2
+            y = nn.Conv(f, (3, 3), strides=(stride, stride), padding=1, dtype=self.dtype)(y)
+            y = nn.relu(_norm(self.norm, self.dtype)(y, train=train))
+        hidden = y
+        score = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype)(y).astype(jnp.float32)
+        logits = jax.image.resize(score, (b, h, w, self.num_classes), method="bilinear")
+        return logits, (hidden.astype(jnp.float32) if self.penultimate else score)
+
+
+class FeatureDiscriminator(nn.Module):
+    """D_feat: an MLP on the last axis (per example, or per position of a score map)."""
+
+    hidden: Sequence[int] = (500, 500)
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, f):
+        y = f.astype(self.dtype)
+        for n in self.hidden:
+            y = nn.relu(nn.Dense(n, dtype=self.dtype)(y))
+        return nn.Dense(1, dtype=self.dtype)(y).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------
+# The method
+# ---------------------------------------------------------------------------
+
+
+def stage_config(
+    config: ml_collections.ConfigDict, stage: str, workdir: str | None = None
+) -> ml_collections.ConfigDict:
+    """The config of one stage: ``stage``, its ``num_train_steps`` and ``batch_size``
+    (``stage_steps`` / ``stage_batch_size``), the earlier stages' workdirs.
+
+    With ``workdir``, empty ``pretrain_workdir`` / ``pixel_workdir`` become
+    ``workdir/pretrain`` / ``workdir/pixel``.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown CyCADA stage {stage!r}; expected one of {STAGES} or 'all'")
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        c.stage = stage
+        c.num_train_steps = int(config.stage_steps[stage])
+        c.batch_size = int(config.stage_batch_size[stage]) or int(config.batch_size)
+        if workdir is not None:
+            c.pretrain_workdir = config.pretrain_workdir or os.path.join(workdir, "pretrain")
+            c.pixel_workdir = config.pixel_workdir or os.path.join(workdir, "pixel")
+    return c
+
+
+class CyCADA(engine.Method):
+    name = "cycada"
+
+    def __init__(self, config):
+        super().__init__(config)
+        if config.stage not in STAGES:
+            raise ValueError(
+                f"a CyCADA run trains one stage of {STAGES}, got stage={config.stage!r} "
+                "('all' is run stage by stage by trainer.train)"
+            )
+        if config.task not in TASKS:
+            raise ValueError(f"unknown task {config.task!r}; expected one of {TASKS}")
+        self.stage = config.stage
+        self.players = PLAYERS[self.stage]
+        self.segment = config.task == "segment"
+        self.data = seg if self.segment else da
+        m = config.model
+        if m.feature not in ("logits", "penultimate"):
+            raise ValueError(f"model.feature must be 'logits' or 'penultimate', got {m.feature!r}")
+        if self.segment:
+            self.task_net = SegNet(
+                features=tuple(m.t_features),
+                norm=m.t_norm,
+                num_classes=config.data.num_classes,
+                dtype=self.dtype,
+                penultimate=m.feature == "penultimate",
+            )
+        else:
+            self.task_net = TaskNet(
+                features=tuple(m.t_features),
+                conv_dropout=tuple(m.t_conv_dropout),
+                hidden=m.t_hidden,
+                dropout=m.t_dropout,
+                norm=m.t_norm,
+                num_classes=config.data.num_classes,
+                dtype=self.dtype,
+            )
+        self.D_feat = FeatureDiscriminator(hidden=tuple(m.d_feat_hidden), dtype=self.dtype)
+        # The CycleGAN (networks, losses, image pools) by composition; A = source, B = target.
+        self.cyclegan = cyclegan.CycleGAN(config)
+
+    @classmethod
+    def stage_configs(cls, config, workdir):
+        """``[(stage, config)]`` of ``config.stage`` (all three for 'all'), for trainer.train."""
+        total = sum(int(config.stage_steps[s]) for s in STAGES)
+        if int(config.num_train_steps) != total:
+            raise ValueError(
+                f"config.num_train_steps={config.num_train_steps} but CyCADA's step counts are "
+                f"config.stage_steps (sum {total}); set --config.stage_steps.<stage>=N instead"
+            )
+        stages = STAGES if config.stage == "all" else (config.stage,)
+        return [(s, stage_config(config, s, workdir)) for s in stages]
+
+    # --- data -----------------------------------------------------------------
+    def train_streams(self):
+        return self.data.train_streams(self.config.data, self.config.image_size)
+
+    def train_transforms(self):
+        return self.data.train_transforms(self.config.data, self.config.image_size)
+
+    def example_batch(self, batch_size):
+        return self.data.example_batch(batch_size, self.config.image_size)
+
+    def prepare(self, batch):
+        return {
+            "source": image_metrics.from_uint8(batch["source"]["image"], jnp.float32),
+            "label": batch["source"]["label"].astype(jnp.int32),
+            "target": image_metrics.from_uint8(batch["target"]["image"], jnp.float32),
+        }
+
+    # --- networks ---------------------------------------------------------------
+    def _task_init(self, rng, x):
+        k_p, k_d = jax.random.split(rng)
+        return dict(self.task_net.init({"params": k_p, "dropout": k_d}, x, train=False))
+
+    def task_apply(self, variables, x, *, train: bool, rng=None):
+        """``(logits, phi, new non-param collections)`` of a task network (variables dict).
+
+        ``train=False`` uses BatchNorm's running averages and no dropout.
+        """
+        if not train:
+            logits, feats = self.task_net.apply(variables, x, train=False)
+            return logits, feats, {k: v for k, v in variables.items() if k != "params"}
+        (logits, feats), new = self.task_net.apply(
+            variables, x, train=True, rngs={"dropout": rng}, mutable=["batch_stats"]
+        )
+        return logits, feats, dict(new)
+
+    @staticmethod
+    def player_vars(params, model_state, player: str):
+        return {"params": params[player], **model_state.get(player, {})}
+
+    def phi(self, logits, feats):
+        """The representation D_feat sees: the output (logits) or the penultimate layer."""
+        if self.config.model.feature == "penultimate" or self.segment:
+            return feats  # SegNet already returns the score map or the hidden map
+        return logits
+
+    def translate(self, g_params, x):
+        """``G(x)`` in float32 (a CycleGAN generator)."""
+        return self.cyclegan.G.apply({"params": g_params}, x).astype(jnp.float32)
+
+    def task_ce(self, logits, labels):
+        ignore = self.config.data.ignore_index if self.segment else None
+        return losses.softmax_cross_entropy(logits=logits, labels=labels, ignore_index=ignore)
+
+    def task_acc(self, logits, labels):
+        ignore = self.config.data.ignore_index if self.segment else None
+        return losses.accuracy(logits=logits, labels=labels, ignore_index=ignore)
+
+    # --- init / warm start ----------------------------------------------------------
+    @staticmethod
+    def _zeros_like_init(init_fn, *args):
+        """Zeros shaped like ``init_fn(*args)``: for frozen networks that ``warm_start``
+        replaces (nothing random to compile; an all-zero network shows a missing warm start)."""
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(init_fn, *args))
+
+    def init(self, rng, batch):
+        x = batch["source"][:1]
+        k_task, k_pix, k_d = jax.random.split(rng, 3)
+        if self.stage == "pretrain":
+            v = self._task_init(k_task, x)
+            return {"f_S": v.pop("params")}, ({"f_S": v} if v else {}), {}
+        if self.stage == "pixel":
+            f_s = self._zeros_like_init(self._task_init, k_task, x)  # frozen: from warm_start
+            cg_params, _, pools = self.cyclegan.init(
+                k_pix, {"A": batch["source"], "B": batch["target"]}
+            )
+            params = {
+                "G_st": cg_params["G_AB"],
+                "G_ts": cg_params["G_BA"],
+                "D_s": cg_params["D_A"],
+                "D_t": cg_params["D_B"],
+            }
+            return params, {}, {**pools, "f_S": f_s}
+        # feature: f_T and both baselines start from f_S, and f_S and G_st are frozen: all
+        # four come from warm_start. Only D_feat starts from a random init.
+        f_s = self._zeros_like_init(self._task_init, k_task, x)
+        t = dict(f_s)
+        t_params = t.pop("params")
+        phi = self.phi(*jax.eval_shape(functools.partial(self.task_net.apply, train=False), f_s, x))
+        params = {
+            "D_feat": self.D_feat.init(k_d, jnp.zeros(phi.shape, phi.dtype))["params"],
+            "f_T": t_params,
+            "T_pix": t_params,
+            "T_src": t_params,
+        }
+        model_state = {p: t for p in ("f_T", "T_pix", "T_src")} if t else {}
+        g_st = self._zeros_like_init(self.cyclegan.G.init, k_pix, x)["params"]
+        return params, model_state, {"G_st": g_st, "f_S": f_s}
+
+    def _load_stage(self, stage: str, workdir: str, like: engine.TrainState):
+        from ganda_jax import trainer  # the trainer imports the methods lazily: no cycle
+
+        sharding = jax.tree.leaves(like.params)[0].sharding
+        return trainer.restore_latest(stage_config(self.config, stage), workdir, sharding)
+
+    def warm_start(self, state):
+        """Loads the earlier stages' final parameters (``f_S``, ``G_st``) into a fresh state.
+
+        ``config.pretrain_workdir`` / ``pixel_workdir`` (filled in by
+        :meth:`stage_configs`; empty: no warm start, for unit tests only).
+        """
+        cfg, copy = self.config, functools.partial(jax.tree.map, jnp.copy)
+        if self.stage == "pretrain":
+            return state
+        extra, params, model_state = dict(state.extra), dict(state.params), dict(state.model_state)
+        if cfg.pretrain_workdir:
+            pre = self._load_stage("pretrain", cfg.pretrain_workdir, state)
+            f_s = {"params": pre.params["f_S"], **pre.model_state.get("f_S", {})}
+            extra["f_S"] = f_s
+            if self.stage == "feature":  # f_T and both baselines start from f_S
+                for p in ("f_T", "T_pix", "T_src"):
+                    params[p] = copy(pre.params["f_S"])
+                    if "f_S" in pre.model_state:
+                        model_state[p] = copy(pre.model_state["f_S"])
+        if self.stage == "feature" and cfg.pixel_workdir:
+            extra["G_st"] = self._load_stage("pixel", cfg.pixel_workdir, state).params["G_st"]
+        return state.replace(params=params, model_state=model_state, extra=extra)
+
+    # --- phases -------------------------------------------------------------------
+    def phases(self):
+        if self.stage == "pretrain":
+            return (engine.Phase("f_S", ("f_S",), self.pretrain_loss),)
+        if self.stage == "pixel":
+            return (
+                engine.Phase("G", ("G_st", "G_ts"), self.pixel_generator_loss),
+                engine.Phase("D", ("D_s", "D_t"), self.pixel_discriminator_loss),
+            )
+        return (
+            engine.Phase("D_feat", ("D_feat",), self.feature_discriminator_loss),
+            engine.Phase("f_T", ("f_T",), self.feature_task_loss),
+            engine.Phase("T_pix", ("T_pix",), self.pixel_only_loss),
+            engine.Phase("T_src", ("T_src",), self.source_only_loss),
+        )
+
+    def _supervised(self, params, inp, player: str, x):
+        logits, _, new = self.task_apply(
+            self.player_vars(params, inp.model_state, player), x, train=True, rng=inp.rng
+        )
+        ce = self.task_ce(logits, inp.batch["label"])
+        metrics = {f"{player}/ce": ce, f"{player}/acc": self.task_acc(logits, inp.batch["label"])}
+        return ce, {"metrics": metrics, "model_state": {player: new} if new else {}}
+
+    # stage 0
+    def pretrain_loss(self, params, inp: engine.PhaseInputs):
+        """L_task(f_S, X_S, Y_S)."""
+        return self._supervised(params, inp, "f_S", inp.batch["source"])
+
+    # stage 1
+    @staticmethod
+    def _cyclegan_params(params):
+        return {
+            "G_AB": params["G_st"],
+            "G_BA": params["G_ts"],
+            "D_A": params["D_s"],
+            "D_B": params["D_t"],
+        }
+
+    @staticmethod
+    def _cyclegan_inputs(inp: engine.PhaseInputs):
+        return inp._replace(batch={"A": inp.batch["source"], "B": inp.batch["target"]})
+
+    def pixel_generator_loss(self, params, inp: engine.PhaseInputs):
+        """CycleGAN's generator loss (A = source) + semantic_weight * L_sem through frozen f_S."""
+        cfg, b = self.config.loss, inp.batch
+        loss, aux = self.cyclegan.generator_loss(
+            self._cyclegan_params(params), self._cyclegan_inputs(inp)
+        )
+        cg = aux["metrics"]
+        fake_t, fake_s = aux["carry"]["fake_B"], aux["carry"]["fake_A"]  # G_st(x_s), G_ts(x_t)
+        loss += (cfg.adv_weight_st - 1.0) * cg["G/adv_AtoB"]
+
+        f_s = inp.extra["f_S"]
+        apply = lambda x: self.task_apply(f_s, x, train=False)[0]
+        # p(f_S, x): labels from the frozen network, no gradient.
+        pred_s = jnp.argmax(jax.lax.stop_gradient(apply(b["source"])), axis=-1)
+        pred_t = jnp.argmax(jax.lax.stop_gradient(apply(b["target"])), axis=-1)
+        labels_s = b["label"] if cfg.semantic_source_labels == "ground_truth" else pred_s
+        logits_st, logits_ts = apply(fake_t), apply(fake_s)
+        sem_st = self.task_ce(logits_st, labels_s)
+        sem_ts = losses.softmax_cross_entropy(logits=logits_ts, labels=pred_t)
+        loss += cfg.semantic_weight * (sem_st + sem_ts)
+
+        metrics = {
+            "G_st/adv": cg["G/adv_AtoB"],
+            "G_ts/adv": cg["G/adv_BtoA"],
+            "G/cycle_s": cg["G/cycle_A"],
+            "G/cycle_t": cg["G/cycle_B"],
+            "G/sem_st": sem_st,
+            "G/sem_ts": sem_ts,
+            # Does f_S still read the true labels in the translated source images?
+            "G/sem_st_label_acc": self.task_acc(logits_st, b["label"]),
+        }
+        if "G/identity_A" in cg:
+            metrics.update({"G/identity_s": cg["G/identity_A"], "G/identity_t": cg["G/identity_B"]})
+        return loss, {"metrics": metrics, "carry": aux["carry"]}
+
+    def pixel_discriminator_loss(self, params, inp: engine.PhaseInputs):
+        """CycleGAN's discriminator loss on the pooled fakes of the G phase."""
+        loss, aux = self.cyclegan.discriminator_loss(
+            self._cyclegan_params(params), self._cyclegan_inputs(inp)
+        )
+        m = aux["metrics"]
+        return loss, {"metrics": {"D_s/adv": m["D/A"], "D_t/adv": m["D/B"]}, "extra": aux["extra"]}
+
+    # stage 2
+    def translated_source(self, inp: engine.PhaseInputs):
+        """``G_st(x_s)`` from the frozen pixel-stage generator (made once per step)."""
+        if "x_st" in inp.carry:
+            return inp.carry["x_st"]
+        return jax.lax.stop_gradient(self.translate(inp.extra["G_st"], inp.batch["source"]))
+
+    def _f_T_both(self, params, inp, x_st):
+        """f_T on ``[x_st; x_t]`` in one batch: (logits_s, logits_t, phi_s, phi_t, stats)."""
+        n = x_st.shape[0]
+        x = jnp.concatenate([x_st, inp.batch["target"]], axis=0)
+        logits, feats, new = self.task_apply(
+            self.player_vars(params, inp.model_state, "f_T"), x, train=True, rng=inp.rng
+        )
+        phi = self.phi(logits, feats)
+        return logits[:n], logits[n:], phi[:n], phi[n:], new
+
+    def feature_discriminator_loss(self, params, inp: engine.PhaseInputs):
+        """D_feat: translated-source representations are 'real', target ones 'fake'."""
+        cfg = self.config.loss
+        x_st = self.translated_source(inp)
+        _, _, phi_s, phi_t, _ = self._f_T_both(params, inp, x_st)
+        real = self.D_feat.apply({"params": params["D_feat"]}, jax.lax.stop_gradient(phi_s))
+        fake = self.D_feat.apply({"params": params["D_feat"]}, jax.lax.stop_gradient(phi_t))
+        loss = losses.gan_discriminator_loss(
+            real_logits=real, fake_logits=fake, loss_type=cfg.feature_gan
+        )
+        metrics = {
+            "D_feat/adv": loss,
+            "D_feat/real_logit": jnp.mean(real),
+            "D_feat/fake_logit": jnp.mean(fake),
+            # Domain accuracy of D_feat (the reference's ADDA logs and gates on it).
+            "D_feat/acc": 0.5 * (jnp.mean(real > 0) + jnp.mean(fake <= 0)),
+        }
+        return loss, {"metrics": metrics, "carry": {"x_st": x_st}}
+
+    def feature_task_loss(self, params, inp: engine.PhaseInputs):
+        """f_T: task loss on translated source + feature-level generator loss on the target."""
+        cfg, y = self.config.loss, inp.batch["label"]
+        logits_s, _, _, phi_t, new = self._f_T_both(params, inp, self.translated_source(inp))
+        ce = self.task_ce(logits_s, y)
+        adv = losses.gan_generator_loss(
+            fake_logits=self.D_feat.apply({"params": params["D_feat"]}, phi_t),
+            loss_type=cfg.feature_gan,
+        )
+        metrics = {"f_T/ce": ce, "f_T/adv": adv, "f_T/acc": self.task_acc(logits_s, y)}
+        loss = cfg.task_weight * ce + cfg.feature_weight * adv
+        return loss, {"metrics": metrics, "model_state": {"f_T": new} if new else {}}
+
+    def pixel_only_loss(self, params, inp: engine.PhaseInputs):
+        """Baseline T_pix: CE on translated source only (pixel-level adaptation alone)."""
+        return self._supervised(params, inp, "T_pix", self.translated_source(inp))
+
+    def source_only_loss(self, params, inp: engine.PhaseInputs):
+        """Baseline T_src: CE on the source images only (no adaptation)."""
+        return self._supervised(params, inp, "T_src", inp.batch["source"])
+
+    # --- evaluation ---------------------------------------------------------------
+    def _eval_networks(self, state):
+        """``({name: variables}, generators)`` scored at this stage (running BN averages)."""
+        p, ms, ex = state.params, state.model_state, state.extra
+        if self.stage == "pretrain":
+            return {"f_S": self.player_vars(p, ms, "f_S")}, {}
+        if self.stage == "pixel":
+            return {"f_S": ex["f_S"]}, {"G_st": p["G_st"], "G_ts": p["G_ts"]}
+        nets = {q: self.player_vars(p, ms, q) for q in ("f_T", "T_pix", "T_src")}
+        return {**nets, "f_S": ex["f_S"]}, {}
+
+    def _logits_fn(self, params, x):
+        nets, gens = params
+        out = {k: self.task_apply(v, x, train=False)[0] for k, v in nets.items()}
+        for g, g_params in gens.items():  # f_S on translated test images (pixel stage)
+            out[f"f_S_{g}"] = self.task_apply(
+                nets["f_S"], self.translate(g_params, x), train=False
+            )[0]
+        return out
+
+    @functools.cached_property
+    def _score_fn(self):
+        if self.segment:
+            d = self.config.data
+            return seg_eval.make_segment_fn(
+                self._logits_fn, num_classes=d.num_classes, ignore_index=d.ignore_index
+            )
+        return classify_eval.make_accuracy_fn(self._logits_fn)
+
+    def _scores(self, params, domain: str, mesh) -> dict[str, dict[str, float]]:
+        """``{network: {'accuracy'|'miou'|...: value}}`` on the test split of ``domain``."""
+        cfg = self.config
+        split = self.data.test_split(cfg.data, cfg.image_size, domain)
+        if self.segment:
+            scores = seg_eval.miou(
+                self._score_fn, params, split, mesh=mesh, batch_size=cfg.eval_batch_size
+            )
+            names = seg.class_names(cfg.data)
+            return {
+                k: seg_eval.metric_dict(v, prefix="", class_names=names) for k, v in scores.items()
+            }
+        acc = classify_eval.accuracies(
+            self._score_fn, params, split, mesh=mesh, batch_size=cfg.eval_batch_size
+        )
+        return {k: {"accuracy": v} for k, v in acc.items()}
+
+    def evaluate(self, state, mesh):
+        """Scores of this stage's networks on the held-out test splits.
+
+        Target test split (the adaptation metrics), for digits ``..._accuracy``,
+        for segmentation ``..._miou``, ``..._pixel_accuracy``, ``..._iou/<class>``:
+
+        - pretrain: ``eval/source_only_*`` (f_S);
+        - pixel: ``eval/source_only_*`` (f_S), ``eval/target_to_source_*``
+          (f_S on G_ts(x_t): the target translated into the source style);
+        - feature: ``eval/*`` (f_T, the adapted network; e.g. ``eval/target_accuracy``,
+          ``eval/miou``), ``eval/pixel_only_*`` (T_pix), ``eval/source_only_*``
+          (T_src), ``eval/pretrained_source_only_*`` (f_S), and
+          ``eval/adaptation_gain`` (f_T minus T_src, accuracy or mIoU).
+
+        Source test split: ``eval/<name>source_*`` of the same networks, and at
+        the pixel stage ``eval/source_to_target_label_*`` (f_S on G_st(x_s) against
+        the true labels: how well the translation keeps the semantics).
+        """
+        params = self._eval_networks(state)
+        tgt = self._scores(params, "target", mesh)
+        src = self._scores(params, "source", mesh)
+        main = "miou" if self.segment else "accuracy"
+        out = {}
+
+        def put(prefix, scores, source: bool):
+            for k, v in scores.items():
+                if source:
+                    k = f"source_{k}"
+                elif not self.segment:
+                    k = f"target_{k}" if prefix == "eval/" else k
+                out[f"{prefix}{k}"] = v
+
+        names = {
+            "pretrain": {"f_S": "eval/source_only_"},
+            "pixel": {"f_S": "eval/source_only_", "f_S_G_ts": "eval/target_to_source_"},
+            "feature": {
+                "f_T": "eval/",
+                "T_pix": "eval/pixel_only_",
+                "T_src": "eval/source_only_",
+                "f_S": "eval/pretrained_source_only_",
+            },
+        }[self.stage]
+        for net, prefix in names.items():
+            put(prefix, tgt[net], source=False)
+            if net != "f_S_G_ts":
+                put(prefix, src[net], source=True)
+        if self.stage == "pixel":
+            put("eval/source_to_target_label_", src["f_S_G_st"], source=False)
+        if self.stage == "feature":
+            out["eval/adaptation_gain"] = tgt["f_T"][main] - tgt["T_src"][main]
+        return out
+
+    @functools.cached_property
+    def _translate_fn(self):
+        return jax.jit(self.translate)
+
+    @functools.cached_property
+    def _predict_fn(self):
+        return jax.jit(lambda v, x: jnp.argmax(self.task_apply(v, x, train=False)[0], -1))
+
+    def samples(self, state, batch):
+        """pixel: rows x_s, G_st(x_s), G_ts(G_st(x_s)), x_t, G_ts(x_t), G_st(G_ts(x_t));
+        feature: x_s, G_st(x_s), x_t (+ for segmentation: f_T's and T_src's target maps, truth)."""
+        from ganda_jax.writers import image_grid
+
+        if self.stage == "pretrain":
+            return {}
+        cfg, n = self.config, 8
+        src = self.data.test_split(cfg.data, cfg.image_size, "source")
+        tgt = self.data.test_split(cfg.data, cfg.image_size, "target")
+        s = image_metrics.from_uint8(src["image"][:n], np.float32)
+        t = image_metrics.from_uint8(tgt["image"][:n], np.float32)
+        p, ex = jax.device_get(state.params), jax.device_get(state.extra)
+        tr = lambda g, x: np.asarray(self._translate_fn(g, x))
+        if self.stage == "pixel":
+            st, ts = tr(p["G_st"], s), tr(p["G_ts"], t)
+            rows = [s, st, tr(p["G_ts"], st), t, ts, tr(p["G_st"], ts)]
+            return {"source_to_target_and_back": image_grid(rows)}
+        rows = [s, tr(ex["G_st"], s), t]
+        if self.segment:
+            ms, k = jax.device_get(state.model_state), cfg.data.num_classes
+            for q in ("f_T", "T_src"):
+                pred = self._predict_fn(self.player_vars(p, ms, q), t)
+                rows.append(seg_eval.colorize(np.asarray(pred), k))
+            rows.append(seg_eval.colorize(tgt["label"][:n], k))
+        return {"translated_source_and_target": image_grid(rows)}
