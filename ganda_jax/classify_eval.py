@@ -54,3 +54,27 @@ def accuracies(
         batch_size=batch_size,
     )
     return {k: float(np.mean(v)) for k, v in hits.items()}
+
+
+def adaptation_scores(
+    accuracy_fn: Callable[[Any, dict], dict], params: Any, test_split, *, mesh, batch_size: int
+) -> dict[str, float]:
+    """The digit-adaptation metrics of an ``accuracy_fn`` with ``'adapted'`` and ``'source_only'``.
+
+    ``test_split(domain)`` returns a labelled test split ('source' | 'target').
+    ``eval/target_accuracy`` and ``eval/source_only_accuracy`` are on the
+    held-out target test split, ``eval/adaptation_gain`` their difference;
+    ``eval/source_accuracy`` and ``eval/source_only_source_accuracy`` on the
+    source test split.
+    """
+    tgt, src = (
+        accuracies(accuracy_fn, params, test_split(domain), mesh=mesh, batch_size=batch_size)
+        for domain in ("target", "source")
+    )
+    return {
+        "eval/target_accuracy": tgt["adapted"],
+        "eval/source_only_accuracy": tgt["source_only"],
+        "eval/adaptation_gain": tgt["adapted"] - tgt["source_only"],
+        "eval/source_accuracy": src["adapted"],
+        "eval/source_only_source_accuracy": src["source_only"],
+    }

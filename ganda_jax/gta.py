@@ -401,32 +401,16 @@ class GTA(engine.Method):
         )
 
     def evaluate(self, state, mesh):
-        """Accuracy of C(F(.)) (adapted) and C_src(F_src(.)) (source only) on both test splits.
-
-        ``eval/target_accuracy`` and ``eval/source_only_accuracy`` are on the
-        held-out target test split, ``eval/adaptation_gain`` their difference;
-        ``eval/source_accuracy`` and ``eval/source_only_source_accuracy`` on the
-        source test split.
-        """
+        """Accuracy of C(F(.)) (adapted) and C_src(F_src(.)) (source only) on both labelled
+        test splits (:func:`ganda_jax.classify_eval.adaptation_scores`)."""
         cfg = self.config
-        params = {p: state.params[p] for p in ("F", "C", "F_src", "C_src")}
-        tgt, src = (
-            classify_eval.accuracies(
-                self._accuracy_fn,
-                params,
-                da.test_split(cfg.data, cfg.image_size, domain),
-                mesh=mesh,
-                batch_size=cfg.eval_batch_size,
-            )
-            for domain in ("target", "source")
+        return classify_eval.adaptation_scores(
+            self._accuracy_fn,
+            {p: state.params[p] for p in ("F", "C", "F_src", "C_src")},
+            lambda domain: da.test_split(cfg.data, cfg.image_size, domain),
+            mesh=mesh,
+            batch_size=cfg.eval_batch_size,
         )
-        return {
-            "eval/target_accuracy": tgt["adapted"],
-            "eval/source_only_accuracy": tgt["source_only"],
-            "eval/adaptation_gain": tgt["adapted"] - tgt["source_only"],
-            "eval/source_accuracy": src["adapted"],
-            "eval/source_only_source_accuracy": src["source_only"],
-        }
 
     @functools.cached_property
     def _generate_fn(self):

@@ -278,32 +278,16 @@ class PixelDA(engine.Method):
         )
 
     def evaluate(self, state, mesh):
-        """Accuracy of T (adapted) and T_src (source only) on both labelled test splits.
-
-        ``eval/target_accuracy`` (T) and ``eval/source_only_accuracy`` (T_src) are
-        on the target test split, ``eval/adaptation_gain`` their difference;
-        ``eval/source_accuracy`` and ``eval/source_only_source_accuracy`` on the
-        source test split.
-        """
+        """Accuracy of T (adapted) and T_src (source only) on both labelled test splits
+        (:func:`ganda_jax.classify_eval.adaptation_scores`)."""
         cfg = self.config
-        params = {p: state.params[p] for p in ("T", "T_src")}
-        tgt, src = (
-            classify_eval.accuracies(
-                self._accuracy_fn,
-                params,
-                da.test_split(cfg.data, cfg.image_size, domain),
-                mesh=mesh,
-                batch_size=cfg.eval_batch_size,
-            )
-            for domain in ("target", "source")
+        return classify_eval.adaptation_scores(
+            self._accuracy_fn,
+            {p: state.params[p] for p in ("T", "T_src")},
+            lambda domain: da.test_split(cfg.data, cfg.image_size, domain),
+            mesh=mesh,
+            batch_size=cfg.eval_batch_size,
         )
-        return {
-            "eval/target_accuracy": tgt["adapted"],
-            "eval/source_only_accuracy": tgt["source_only"],
-            "eval/adaptation_gain": tgt["adapted"] - tgt["source_only"],
-            "eval/source_accuracy": src["adapted"],
-            "eval/source_only_source_accuracy": src["source_only"],
-        }
 
     @functools.cached_property
     def _restyle_fn(self):
