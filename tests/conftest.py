@@ -6,14 +6,28 @@ import sys
 # Must happen before jax is imported anywhere.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+# Many tests compile the same program twice (a run, then its resume in a new Run; a config
+# rebuilt in another test): a persistent compilation cache, fresh per session so nothing
+# carries over between sessions, turns the repeats into cache hits.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="ganda_jax_test_cache_")
+    atexit.register(shutil.rmtree, _cache, True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import importlib.util  # noqa: E402
+import importlib.util
 
-import pytest  # noqa: E402
+import jax
+import numpy as np
+import pytest
 
 
 def load_config(name: str, arg: str | None = None):
@@ -30,3 +44,24 @@ def load_config(name: str, arg: str | None = None):
 @pytest.fixture
 def config_loader():
     return load_config
+
+
+def equal_trees(a, b) -> bool:
+    """Same structure and bit-identical leaves."""
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)
+    )
+
+
+def assert_phase_isolated(phase, players, before_params, before_opt, params, opt_state):
+    """After ``phase``'s update, its players' parameters and optimizer states (Adam moments)
+    changed, and every other player's are bit-identical: zero gradients alone would not do
+    that under Adam (its momentum moves an idle player)."""
+    for p in players:
+        same_params = equal_trees(params[p], before_params[p])
+        same_opt = equal_trees(opt_state.inner_states[p], before_opt.inner_states[p])
+        if p in phase.players:
+            assert not same_params and not same_opt, f"phase {phase.name} left {p} unchanged"
+        else:
+            assert same_params and same_opt, f"phase {phase.name} changed idle player {p}"

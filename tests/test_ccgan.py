@@ -9,17 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import assert_phase_isolated, equal_trees, load_config
 
 from ganda_jax import ccgan, checkpointing, engine, image_metrics, parallel, trainer
 from ganda_jax.data import semi
-
-
-def _equal_trees(a, b):
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(
-        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)
-    )
 
 
 def _tiny_config():
@@ -255,7 +248,7 @@ def test_baseline_is_the_discriminator_without_unlabelled_data(run, history):
     )
     # Same initial weights: the baseline differs only by what it is trained on.
     init = run.init_state()
-    assert _equal_trees(init.params["D"], init.params["D_sup"])
+    assert equal_trees(init.params["D"], init.params["D_sup"])
 
 
 def test_each_phase_updates_only_its_players(run, history):
@@ -282,13 +275,9 @@ def test_each_phase_updates_only_its_players(run, history):
     for phase, (aux, params, opt_state) in zip(
         method.phases(), updates(state.params, state.opt_state, inputs)
     ):
-        for p in method.players:
-            same_params = _equal_trees(params[p], state.params[p])
-            same_opt = _equal_trees(opt_state.inner_states[p], state.opt_state.inner_states[p])
-            if p in phase.players:
-                assert not same_params and not same_opt, (phase.name, p)
-            else:
-                assert same_params and same_opt, f"phase {phase.name} changed idle player {p}"
+        assert_phase_isolated(
+            phase, method.players, state.params, state.opt_state, params, opt_state
+        )
         # Only the G phase, which trains G, writes G's BatchNorm statistics.
         assert set(aux.get("model_state", {})) == ({"G"} if phase.name == "G" else set())
 
@@ -345,9 +334,9 @@ def test_training_evaluates_checkpoints_and_resumes_exactly(tmp_path, run, histo
     assert int(final.step) == cfg.num_train_steps == 4
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4]
     # Bit for bit what the uninterrupted fixture run reached at step 4.
-    assert _equal_trees(jax.device_get(final.params), history["after_four"].params)
-    assert _equal_trees(jax.device_get(final.opt_state), history["after_four"].opt_state)
-    assert _equal_trees(jax.device_get(final.model_state), history["after_four"].model_state)
+    assert equal_trees(jax.device_get(final.params), history["after_four"].params)
+    assert equal_trees(jax.device_get(final.opt_state), history["after_four"].opt_state)
+    assert equal_trees(jax.device_get(final.model_state), history["after_four"].model_state)
 
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "loss/D" in line] == [4]

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import assert_phase_isolated, equal_trees, load_config
 
 from ganda_jax import cycada, engine, parallel, trainer
 from ganda_jax.data import da, seg
@@ -40,13 +40,6 @@ def _tiny_config(variant=None):
     cfg.loss.task_weight, cfg.loss.feature_weight = 0.6, 0.3
     cfg.optimizer.f_S.learning_rate = 3e-3
     return cfg
-
-
-def _equal_trees(a, b):
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(
-        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)
-    )
 
 
 def _lines(path):
@@ -136,15 +129,15 @@ def test_later_stages_start_from_the_earlier_final_checkpoints(staged):
     pre, pix, feat = (staged["states"][s] for s in ("pretrain", "pixel", "feature"))
     f_s = {"params": pre.params["f_S"], **pre.model_state["f_S"]}
     # The frozen networks are the earlier stages' final ones, and stay bit-identical.
-    assert _equal_trees(pix.extra["f_S"], f_s)
-    assert _equal_trees(feat.extra["f_S"], f_s)
-    assert _equal_trees(feat.extra["G_st"], pix.params["G_st"])
+    assert equal_trees(pix.extra["f_S"], f_s)
+    assert equal_trees(feat.extra["f_S"], f_s)
+    assert equal_trees(feat.extra["G_st"], pix.params["G_st"])
     # f_T and both baselines started from f_S: after 4 Adam steps of lr 1e-4 they are within
     # 4e-4 of it (a fresh init would be ~0.1 away).
     for p in ("f_T", "T_pix", "T_src"):
         diffs = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), feat.params[p], pre.params["f_S"])
         assert 0 < max(jax.tree.leaves(diffs)) < 1e-3, p
-        assert not _equal_trees(feat.model_state[p], pre.model_state["f_S"])  # BN stats moved
+        assert not equal_trees(feat.model_state[p], pre.model_state["f_S"])  # BN stats moved
 
 
 def _inputs(method, state, step=1):
@@ -210,13 +203,9 @@ def _check_isolation(stage, method, state, updates):
     """Each phase changed its players' params and Adam moments, and left the rest bit-exact."""
     for ph in method.phases():
         params, opt_state = updates[ph.name]
-        for p in method.players:
-            same_p = _equal_trees(params[p], state.params[p])
-            same_o = _equal_trees(opt_state.inner_states[p], state.opt_state.inner_states[p])
-            if p in ph.players:
-                assert not same_p and not same_o, (stage, ph.name, p)
-            else:
-                assert same_p and same_o, f"{stage}: phase {ph.name} changed idle player {p}"
+        assert_phase_isolated(
+            ph, method.players, state.params, state.opt_state, params, opt_state
+        )
 
 
 def test_pixel_phases_touch_only_their_players_and_losses_match_numpy(staged):

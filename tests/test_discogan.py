@@ -6,19 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import assert_phase_isolated, load_config
 from PIL import Image
 
 from ganda_jax import discogan, engine, image_metrics, parallel, trainer, translate
 from ganda_jax.data import pipeline
 from ganda_jax.discogan import PatchDiscriminator, UNetGenerator
-
-
-def _equal_trees(a, b):
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(
-        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)
-    )
 
 
 def _n_params(module, x):
@@ -250,13 +243,9 @@ def test_each_phase_updates_only_its_players(trained):
             return engine.apply_phase_update(tx, params, opt_state, grads, phase.players)
 
         new_params, new_opt = update(params, state.opt_state, inputs)
-        for p in method.players:
-            same_params = _equal_trees(new_params[p], params[p])
-            same_opt = _equal_trees(new_opt.inner_states[p], state.opt_state.inner_states[p])
-            if p in phase.players:
-                assert not same_params and not same_opt, (phase.name, p)
-            else:
-                assert same_params and same_opt, f"phase {phase.name} changed idle player {p}"
+        assert_phase_isolated(
+            phase, method.players, params, state.opt_state, new_params, new_opt
+        )
 
 
 def test_translate_cli_works_for_discogan(trained, tmp_path):

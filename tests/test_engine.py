@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import load_config
+from conftest import assert_phase_isolated, equal_trees, load_config
 
 from ganda_jax import engine, parallel, trainer
 
@@ -16,13 +16,6 @@ def _tiny_cyclegan(**overrides):
     for k, v in overrides.items():
         cfg[k] = v
     return cfg
-
-
-def _equal_trees(a, b):
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(
-        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)
-    )
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +58,9 @@ def test_each_phase_updates_only_its_players(run1):
             return grads, *engine.apply_phase_update(tx, params, opt_state, grads, phase.players)
 
         grads, params, opt_state = update(state.params, state.opt_state, inputs)
-        for p in method.players:
-            same_params = _equal_trees(params[p], state.params[p])
-            same_opt = _equal_trees(opt_state.inner_states[p], state.opt_state.inner_states[p])
-            if p in phase.players:
-                assert not same_params and not same_opt, (phase.name, p)
-            else:
-                assert same_params and same_opt, f"phase {phase.name} changed idle player {p}"
+        assert_phase_isolated(
+            phase, method.players, state.params, state.opt_state, params, opt_state
+        )
 
         # Control: a plain multi_transform update with zero gradients for the idle
         # players moves them (Adam momentum), which is what apply_phase_update prevents.
@@ -82,7 +71,7 @@ def test_each_phase_updates_only_its_players(run1):
         updates, _ = jax.jit(tx.update)(full, state.opt_state, state.params)
         naive = optax.apply_updates(state.params, updates)
         idle = [p for p in method.players if p not in phase.players]
-        assert not all(_equal_trees(naive[p], state.params[p]) for p in idle)
+        assert not all(equal_trees(naive[p], state.params[p]) for p in idle)
 
 
 def test_train_step_runs_phases_in_order_and_advances_step(run1):
@@ -153,4 +142,4 @@ def test_resume_is_bit_identical(tmp_path):
     resumed = trainer.train(cfg, str(tmp_path / "resumed"), mesh=mesh)
     assert int(resumed.step) == 6
     for field in ("params", "opt_state", "extra", "rng"):
-        assert _equal_trees(getattr(straight, field), getattr(resumed, field)), field
+        assert equal_trees(getattr(straight, field), getattr(resumed, field)), field

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import assert_phase_isolated, equal_trees, load_config
 
 from ganda_jax import engine, gta, parallel, trainer
 
@@ -20,13 +20,6 @@ EVAL_KEYS = (
     "eval/source_accuracy",
     "eval/source_only_source_accuracy",
 )
-
-
-def _equal_trees(a, b):
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(
-        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)
-    )
 
 
 def _config():
@@ -243,15 +236,9 @@ def test_each_phase_updates_only_its_players(phases_out):
     ]
     for phase in method.phases():
         res = phases_out["out"][phase.name]
-        for p in method.players:
-            same_params = _equal_trees(res["params"][p], params[p])
-            same_opt = _equal_trees(
-                res["opt_state"].inner_states[p], state.opt_state.inner_states[p]
-            )
-            if p in phase.players:
-                assert not same_params and not same_opt, (phase.name, p)
-            else:
-                assert same_params and same_opt, f"phase {phase.name} changed idle player {p}"
+        assert_phase_isolated(
+            phase, method.players, params, state.opt_state, res["params"], res["opt_state"]
+        )
         # A player's BatchNorm statistics are written by its own phase only.
         assert set(res["model_state"]) == ({phase.name} & {"D", "G"}), phase.name
 
@@ -270,9 +257,9 @@ def test_training_resumes_moves_every_loss_and_evaluates(trained):
         assert np.mean([m[k] for m in ms[-5:]]) < np.mean([m[k] for m in ms[:5]]), k
     # The baseline starts from the adapted networks' initial weights; training separates them.
     fresh = trained["fresh"].params
-    assert _equal_trees(fresh["F"], fresh["F_src"]) and _equal_trees(fresh["C"], fresh["C_src"])
+    assert equal_trees(fresh["F"], fresh["F_src"]) and equal_trees(fresh["C"], fresh["C_src"])
     final = trained["final"].params
-    assert not _equal_trees(final["F"], final["F_src"])
+    assert not equal_trees(final["F"], final["F_src"])
 
     evals = [x for x in lines if "eval/target_accuracy" in x]
     assert [e["step"] for e in evals] == [STEPS]

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import assert_phase_isolated, equal_trees, load_config
 
 from ganda_jax import engine, gta_seg, parallel, trainer
 from ganda_jax.data import pipeline, seg
@@ -26,36 +26,14 @@ def _config():
     return cfg
 
 
-def _equal_trees(a, b):
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(
-        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)
-    )
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Trains 2 steps, stops (as if interrupted), then resumes to the end.
-
-    The resumed call compiles the same step program again; a persistent compilation cache,
-    switched on around this fixture, makes that a cache hit.
-    """
+    """Trains 2 steps, stops (as if interrupted), then resumes to the end (the resumed call's
+    compilation is a hit in the session's persistent compilation cache, see conftest)."""
     workdir = tmp_path_factory.mktemp("gta_seg")
     cfg, mesh = _config(), parallel.make_mesh(2)
-    cache = {
-        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
-        "jax_persistent_cache_min_compile_time_secs": 0.0,
-        "jax_persistent_cache_min_entry_size_bytes": -1,
-    }
-    before = {k: getattr(jax.config, k) for k in cache}
-    try:
-        for k, v in cache.items():
-            jax.config.update(k, v)
-        after_two = jax.device_get(trainer.train(cfg, str(workdir), max_steps=2, mesh=mesh))
-        final = jax.device_get(trainer.train(cfg, str(workdir), mesh=mesh))
-    finally:
-        for k, v in before.items():
-            jax.config.update(k, v)
+    after_two = jax.device_get(trainer.train(cfg, str(workdir), max_steps=2, mesh=mesh))
+    final = jax.device_get(trainer.train(cfg, str(workdir), mesh=mesh))
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return {"workdir": workdir, "after_two": after_two, "final": final, "lines": lines}
 
@@ -101,7 +79,7 @@ def test_network_shapes():
     assert image.shape == (2, 32, 32, 3)
     # D: per-pixel 4-way domain logits and K-way class logits at stride 8.
     assert dom.shape == (2, 4, 4, 4) and cls.shape == (2, 4, 4, k)
-    assert _equal_trees(
+    assert equal_trees(
         jax.tree.map(lambda s: s.shape, params["F"]),
         jax.tree.map(lambda s: s.shape, params["F_src"]),
     )
@@ -226,13 +204,9 @@ def test_each_phase_updates_only_its_players(phases_run):
     before_params, before_opt = phases_run["params"], phases_run["opt_state"]
     for phase in method.phases():
         params, opt_state = phases_run["out"][phase.name][2]
-        for p in method.players:
-            same_params = _equal_trees(params[p], before_params[p])
-            same_opt = _equal_trees(opt_state.inner_states[p], before_opt.inner_states[p])
-            if p in phase.players:
-                assert not same_params and not same_opt, (phase.name, p)
-            else:
-                assert same_params and same_opt, f"phase {phase.name} changed idle player {p}"
+        assert_phase_isolated(
+            phase, method.players, before_params, before_opt, params, opt_state
+        )
 
 
 def test_training_moves_every_loss_evaluates_checkpoints_and_resumes(trained):
@@ -241,7 +215,7 @@ def test_training_moves_every_loss_evaluates_checkpoints_and_resumes(trained):
     # Steps 1-2 from the first call, 3-10 from the resumed one: nothing re-run, nothing skipped.
     assert [line["step"] for line in train] == list(range(1, STEPS + 1))
     assert int(trained["final"].step) == STEPS
-    assert not _equal_trees(trained["final"].params, trained["after_two"].params)
+    assert not equal_trees(trained["final"].params, trained["after_two"].params)
     keys = [k for k in train[0] if "/" in k and not k.startswith(("perf/", "lr/"))]
     for k in ("D/aux_ce", "G/rec_src_l1", "F/adv_src_ce", "F/seg_ce", "F_src/seg_ce", "loss/F"):
         assert k in keys, k

@@ -7,17 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import assert_phase_isolated, load_config
 
 from ganda_jax import classify_eval, engine, parallel, pixelda, trainer
 from ganda_jax.data import da
-
-
-def _equal_trees(a, b):
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(
-        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)
-    )
 
 
 def _tiny_config():
@@ -139,13 +132,9 @@ def test_each_phase_updates_only_its_players(run, history):
             return aux, *engine.apply_phase_update(tx, params, opt_state, grads, phase.players)
 
         aux, params, opt_state = update(state.params, state.opt_state, inputs)
-        for p in method.players:
-            same_params = _equal_trees(params[p], state.params[p])
-            same_opt = _equal_trees(opt_state.inner_states[p], state.opt_state.inner_states[p])
-            if p in phase.players:
-                assert not same_params and not same_opt, (phase.name, p)
-            else:
-                assert same_params and same_opt, f"phase {phase.name} changed idle player {p}"
+        assert_phase_isolated(
+            phase, method.players, state.params, state.opt_state, params, opt_state
+        )
         # Only the G/T phase, which trains G, writes G's BatchNorm statistics.
         assert set(aux.get("model_state", {})) == ({"G"} if phase.name == "GT" else set())
 
