@@ -1,0 +1,121 @@
+"""Where XLA spends a convolution's training time: forward, input gradient, weight gradient.
+
+  python benchmarks/conv_backward.py                        # 64x32x32x64, 3x3 -> 64 (PixelDA's G)
+  python benchmarks/conv_backward.py --batch 1 --size 256 --channels 64 --json out.json
+
+Times one 3x3 SAME convolution (NHWC) under ``jax.jit``: the forward pass, the
+gradient with respect to the input, and the gradient with respect to the weights
+(each including the forward pass it needs), and reports GFLOP/s counting
+2 * N * H * W * Cin * Cout * 9 FLOPs per pass. With torch installed, the same
+forward and forward + backward in PyTorch (``--threads`` threads) for a ratio in
+the same run. Prints a table; ``--json PATH`` writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def jax_rows(n, size, c, repeats):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((n, size, size, c)), jnp.float32)
+    w = jnp.asarray(0.05 * rng.standard_normal((3, 3, c, c)), jnp.float32)
+
+    def loss(w, x):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
+        return jnp.sum(y * y)
+
+    fwd = jax.jit(loss)
+    gx = jax.jit(jax.grad(loss, argnums=1))
+    gw = jax.jit(jax.grad(loss, argnums=0))
+    both = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    rows = []
+    for name, fn, passes in (
+        ("forward", fwd, 1),
+        ("forward + input grad", gx, 2),
+        ("forward + weight grad", gw, 2),
+        ("forward + both grads", both, 3),
+    ):
+        t = _time(lambda fn=fn: jax.block_until_ready(fn(w, x)), repeats)
+        rows.append(dict(framework="jax", what=name, passes=passes, seconds=t))
+    return rows
+
+
+def torch_rows(n, size, c, repeats, threads):
+    try:
+        import torch
+    except ImportError:
+        return []
+    torch.set_num_threads(threads)
+    x = torch.randn(n, c, size, size, requires_grad=True)
+    w = torch.randn(c, c, 3, 3, requires_grad=True)
+
+    def fwd():
+        with torch.no_grad():
+            torch.nn.functional.conv2d(x, w, padding=1).square().sum()
+
+    def both():
+        torch.nn.functional.conv2d(x, w, padding=1).square().sum().backward()
+
+    return [
+        dict(framework="torch", what="forward", passes=1, seconds=_time(fwd, repeats)),
+        dict(
+            framework="torch", what="forward + both grads", passes=3, seconds=_time(both, repeats)
+        ),
+    ]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    flop = 2 * a.batch * a.size * a.size * a.channels * a.channels * 9
+    rows = jax_rows(a.batch, a.size, a.channels, a.repeats)
+    rows += torch_rows(a.batch, a.size, a.channels, a.repeats, a.threads)
+    print(
+        f"conv 3x3, NHWC {a.batch}x{a.size}x{a.size}x{a.channels} -> {a.channels}, "
+        f"{flop / 1e9:.2f} GFLOP per pass, backend {jax.default_backend()}"
+    )
+    print("| framework | what | ms | GFLOP/s |")
+    print("|---|---|---|---|")
+    for r in rows:
+        r["gflop_per_s"] = r["passes"] * flop / r["seconds"] / 1e9
+        ms, rate = r["seconds"] * 1e3, r["gflop_per_s"]
+        print(f"| {r['framework']} | {r['what']} | {ms:.1f} | {rate:.1f} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(
+                {"jax": jax.__version__, "backend": jax.default_backend(), "rows": rows},
+                f,
+                indent=2,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
