@@ -5,7 +5,8 @@
 
 Times one 3x3 SAME convolution (NHWC) under ``jax.jit``: the forward pass, the
 gradient with respect to the input, and the gradient with respect to the weights
-(each including the forward pass it needs), and reports GFLOP/s counting
+(each including the forward pass it needs), the weight gradient written as nine
+shifted-slice GEMMs (im2col by hand, checked against XLA's), and reports GFLOP/s counting
 2 * N * H * W * Cin * Cout * 9 FLOPs per pass. With torch installed, the same
 forward and forward + backward in PyTorch (``--threads`` threads) for a ratio in
 the same run. Prints a table; ``--json PATH`` writes the rows.
@@ -49,11 +50,31 @@ def jax_rows(n, size, c, repeats):
     gx = jax.jit(jax.grad(loss, argnums=1))
     gw = jax.jit(jax.grad(loss, argnums=0))
     both = jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+    def im2col_weight_grad(w, x):
+        """The weight gradient as nine shifted slices of x, one GEMM each (a candidate for a
+        CPU custom VJP); checked against XLA's below."""
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
+        dy = (2 * y).reshape(-1, c)
+        xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        taps = [
+            jnp.einsum("mi,mo->io", xp[:, i : i + size, j : j + size].reshape(-1, c), dy)
+            for i in range(3)
+            for j in range(3)
+        ]
+        return jnp.stack(taps).reshape(3, 3, c, c)
+
+    im2col = jax.jit(im2col_weight_grad)
+    ref, got = gw(w, x), im2col(w, x)
+    err = float(jnp.max(jnp.abs(ref - got)) / jnp.max(jnp.abs(ref)))
+    if err > 1e-4:
+        raise AssertionError(f"im2col weight gradient differs from XLA's: {err:.2g}")
     rows = []
     for name, fn, passes in (
         ("forward", fwd, 1),
         ("forward + input grad", gx, 2),
         ("forward + weight grad", gw, 2),
+        ("forward + weight grad (im2col GEMMs)", im2col, 2),
         ("forward + both grads", both, 3),
     ):
         t = _time(lambda fn=fn: jax.block_until_ready(fn(w, x)), repeats)
