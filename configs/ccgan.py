@@ -70,8 +70,8 @@ def get_config(arg=None):
         rec_weight=1.0,  # G's L2 error inside the hole (context encoder)
     )
     adam = lambda: config_lib.adam(2e-4, 0.5, 0.999)  # noqa: E731
-    # D and D_sup must share hyper-parameters for the baseline to be a fair one.
-    c.optimizer = dict(G=adam(), D=adam(), D_sup=adam())
+    # D_sup (the baseline) uses D's block: the same hyper-parameters by construction.
+    c.optimizer = dict(G=adam(), D=adam())
 
     if variants & {"cifar10", "stl10"}:
         c.data.source = "tfds"

@@ -67,7 +67,6 @@ def get_config(arg=None):
     }
     c.optimizer = {
         "F": config_lib.adam(1e-3, 0.9, 0.999),
-        "F_src": config_lib.adam(1e-3, 0.9, 0.999),
         "G": config_lib.adam(2e-4, 0.7, 0.999),
         "D": config_lib.adam(2e-4, 0.7, 0.999),
     }
@@ -89,8 +88,7 @@ def get_config(arg=None):
             d_features=128,
             d_blocks=3,
         )
-        for group in ("F", "F_src"):
-            c.optimizer[group].learning_rate = 1e-5
+        c.optimizer.F.learning_rate = 1e-5
         for group in ("G", "D"):
             c.optimizer[group].learning_rate = 1e-4
     if "tfds" in variants:

@@ -36,7 +36,7 @@ One iteration (every phase sees the parameters the phases before it produced):
 
 3. **D_sup phase** (updates ``D_sup``): the supervised-only baseline, the same
    network as D with the same initial weights, the same labelled batches, the
-   same number of steps and optimiser hyper-parameters (its own block), trained on
+   same number of steps and optimiser hyper-parameters (D's block), trained on
    ``w_c CE(D_sup_c(x_l), y_l)`` alone: the D phase without its adversarial term.
    It never sees an unlabelled image, so ``eval/test_accuracy`` (D) next to
    ``eval/supervised_only_accuracy`` (D_sup) measures what the unlabelled data
@@ -281,7 +281,8 @@ class Discriminator(nn.Module):
 
 class CCGAN(engine.Method):
     name = "ccgan"
-    players = {"G": "G", "D": "D", "D_sup": "D_sup"}
+    # D_sup trains with D's optimizer block: a fair baseline whatever a config override changes.
+    players = {"G": "G", "D": "D", "D_sup": "D"}
 
     def __init__(self, config):
         super().__init__(config)

@@ -56,8 +56,8 @@ each phase):
 
 4. **source-only phase** (updates ``F_src`` and ``C_src``): the baseline, the
    same F + C architecture from the same initial weights, on the same batches
-   for the same number of steps with its own optimizer block of the same
-   settings, trained on ``CE(C_src(F_src(x_s)), y_s)`` only. The run reports
+   for the same number of steps with F's optimizer block (the same
+   settings by construction), trained on ``CE(C_src(F_src(x_s)), y_s)`` only. The run reports
    ``eval/miou`` and ``eval/pixel_accuracy`` (F, C) next to
    ``eval/source_only_miou`` and ``eval/source_only_pixel_accuracy``, and the
    per-class IoUs ``eval/iou/<class>`` and ``eval/source_only_iou/<class>``, all
@@ -291,14 +291,15 @@ class Discriminator(nn.Module):
 
 class GTASeg(engine.Method):
     name = "gta_seg"
-    # F and C share an optimizer block, as do the baseline's F_src and C_src.
+    # F, C and the baseline's F_src, C_src share one optimizer block: the baseline's settings
+    # equal the adapted network's by construction, whatever a config override changes.
     players: ClassVar[dict[str, str]] = {
         "F": "F",
         "C": "F",
         "G": "G",
         "D": "D",
-        "F_src": "F_src",
-        "C_src": "F_src",
+        "F_src": "F",
+        "C_src": "F",
     }
 
     def __init__(self, config):
