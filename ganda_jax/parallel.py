@@ -30,7 +30,18 @@ def maybe_initialize_distributed() -> None:
     wanted = os.environ.get("GANDA_DISTRIBUTED") == "1" or (
         all(k in os.environ for k in _DISTRIBUTED_ENV) and int(os.environ["JAX_NUM_PROCESSES"]) > 1
     )
-    if wanted:
+    if not wanted:
+        return
+    if all(k in os.environ for k in _DISTRIBUTED_ENV):
+        # JAX reads only JAX_COORDINATOR_ADDRESS from the environment; the process count
+        # and id would otherwise go to cluster auto-detection, which finds nothing on a
+        # plain machine ("Number of processes must be defined").
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    else:
         jax.distributed.initialize()
 
 
