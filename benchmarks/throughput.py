@@ -153,7 +153,7 @@ class Bench:
         )
         self.state = init(jax.random.PRNGKey(cfg.seed), self.batch)
         step = jax.jit(
-            engine.make_train_step(self.method, self.tx),
+            engine.make_train_step(self.method, self.tx, guard=cfg.divergence.guard),
             in_shardings=(replicated, data),
             out_shardings=(replicated, replicated),
             donate_argnums=(0,),
@@ -184,6 +184,7 @@ class Bench:
 
 def measure(method, image_size, batch_size, dtype, args, num_devices=None) -> dict:
     cfg = build_config(method, image_size, batch_size, dtype, args.variant)
+    cfg.divergence.guard = not args.no_guard
     bench = Bench(cfg, num_devices)
     # The first step from the seeded init: its losses let runs on other meshes be compared.
     first = {k: float(v) for k, v in jax.device_get(bench.run(1)).items()}
@@ -197,6 +198,7 @@ def measure(method, image_size, batch_size, dtype, args, num_devices=None) -> di
         image_size=int(cfg.image_size),
         batch_size=int(cfg.batch_size),
         dtype=dtype,
+        guard=bool(cfg.divergence.guard),
         devices=int(devices),
         device_kind=jax.devices()[0].device_kind,
         compile_s=bench.compile_s,
@@ -308,6 +310,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--compare-torch", action="store_true")
+    p.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="time the step without the NaN/inf guard (config.divergence.guard=False)",
+    )
     p.add_argument(
         "--torch-ref",
         default=os.path.join(ROOT, "..", "shared", "bench", "torch_ref.py"),

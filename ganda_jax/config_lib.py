@@ -26,7 +26,30 @@ def base(method: str) -> ml_collections.ConfigDict:
     c.eval_batch_size = 64
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 3
+    c.divergence = divergence_block()
     return c
+
+
+def divergence_block(**kw) -> ml_collections.ConfigDict:
+    """What the trainer does about NaN/inf and collapsing discriminators (``config.divergence``).
+
+    ``guard``: a step with a non-finite loss, parameter or BatchNorm statistic is
+    not applied (checked inside the jitted step). ``action`` when the trainer sees
+    one (at the next log step): ``rollback`` to the last checkpoint before it and
+    continue with a new data order (at most ``max_rollbacks`` times, then stop),
+    ``stop`` with a message, or ``skip`` (warn and go on without those updates).
+    A discriminator phase loss below ``collapse_d_loss`` for ``collapse_steps``
+    consecutive steps logs a mode-collapse warning (0 turns it off).
+    """
+    d = dict(
+        guard=True,
+        action="rollback",
+        max_rollbacks=3,
+        collapse_d_loss=1e-3,
+        collapse_steps=500,
+    )
+    d.update(kw)
+    return ml_collections.ConfigDict(d)
 
 
 def adam(
@@ -64,6 +87,7 @@ def data_block(**kw) -> ml_collections.ConfigDict:
         path_B="",
         load_size=0,
         flip=True,
+        convert_mode="rgb",  # folders: 'rgb' converts grayscale/RGBA/palette, 'error' rejects
         num_threads=4,
     )
     d.update(kw)

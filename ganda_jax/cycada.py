@@ -229,6 +229,7 @@ def stage_config(
 
 class CyCADA(engine.Method):
     name = "cycada"
+    discriminator_phases = ("D", "D_feat")
 
     def __init__(self, config):
         super().__init__(config)

@@ -88,6 +88,9 @@ class Method:
 
     name: str = ""
     players: Mapping[str, str] = {}
+    # Phases whose loss is a discriminator's: a value near zero for long means D wins
+    # outright (mode-collapse hint, see config.divergence).
+    discriminator_phases: tuple[str, ...] = ("D",)
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -260,8 +263,26 @@ def init_state(
     )
 
 
-def make_train_step(method: Method, tx: optax.GradientTransformation):
-    """Builds ``train_step(state, batch) -> (state, metrics)`` running every phase in order."""
+def all_finite(tree: PyTree) -> jax.Array:
+    """True iff every floating-point leaf of ``tree`` is free of NaN and inf."""
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_train_step(method: Method, tx: optax.GradientTransformation, *, guard: bool = True):
+    """Builds ``train_step(state, batch) -> (state, metrics)`` running every phase in order.
+
+    With ``guard`` (the default), a step whose losses or resulting parameters /
+    non-trainable state contain a NaN or inf is not applied: every field of the
+    state except ``step`` keeps its previous value (a select inside the same
+    program, so there is no host round trip), and the metrics say what went
+    wrong (``guard/skipped``, ``guard/loss/<phase>``, ``guard/params/<player>``:
+    1.0 where non-finite) for the trainer to act on.
+    """
     phases = tuple(method.phases())
     for ph in phases:
         unknown = set(ph.players) - set(method.players)
@@ -303,6 +324,27 @@ def make_train_step(method: Method, tx: optax.GradientTransformation):
             model_state=model_state,
             extra=extra,
         )
+        if guard:
+            new_state, metrics = _guard_nonfinite(state, new_state, metrics, phases)
         return new_state, metrics
 
     return train_step
+
+
+def _guard_nonfinite(old: TrainState, new: TrainState, metrics: dict, phases) -> tuple:
+    """Keeps ``old`` (but advances the step) if any loss, parameter or player state of
+    ``new`` is non-finite; adds the ``guard/*`` flags to ``metrics``."""
+    flags = {f"guard/loss/{ph.name}": ~jnp.isfinite(metrics[f"loss/{ph.name}"]) for ph in phases}
+    for p in new.params:
+        flags[f"guard/params/{p}"] = ~all_finite((new.params[p], new.model_state.get(p, {})))
+    bad = jnp.any(jnp.stack(list(flags.values())))
+    keep = lambda n, o: jnp.where(bad, o, n)  # noqa: E731
+    guarded = new.replace(
+        params=jax.tree.map(keep, new.params, old.params),
+        opt_state=jax.tree.map(keep, new.opt_state, old.opt_state),
+        model_state=jax.tree.map(keep, new.model_state, old.model_state),
+        extra=jax.tree.map(keep, new.extra, old.extra),
+    )
+    out = {**metrics, "guard/skipped": bad.astype(jnp.float32)}
+    out.update({k: v.astype(jnp.float32) for k, v in flags.items()})
+    return guarded, out

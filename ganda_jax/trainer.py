@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
 
 from ganda_jax import checkpointing, engine, parallel, writers
@@ -89,15 +90,10 @@ class Run:
         self.tx = engine.make_optimizer(self.method)
         self.data_sharding = parallel.data_sharding(self.mesh)
         self.replicated = parallel.replicated(self.mesh)
-        self.loader = pipeline.Loader(
-            self.method.train_streams(),
-            global_batch_size=config.batch_size,
-            seed=config.seed,
-            transforms=self.method.train_transforms(),
-            num_threads=config.data.get("num_threads", 4),
-        )
+        self.rollbacks = 0  # divergence rollbacks so far; each one changes the data order
+        self.loader = self._make_loader()
         self.step_fn = jax.jit(
-            engine.make_train_step(self.method, self.tx),
+            engine.make_train_step(self.method, self.tx, guard=config.divergence.guard),
             in_shardings=(self.replicated, self.data_sharding),
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=(0,),
@@ -106,6 +102,24 @@ class Run:
             lambda rng, batch: engine.init_state(self.method, self.tx, rng, batch),
             out_shardings=self.replicated,
         )
+
+    def _make_loader(self) -> pipeline.Loader:
+        # After a divergence rollback the run continues with another data order; the
+        # count is checkpointed, so the order stays a pure function of (seed, rollbacks, step).
+        seed = (int(self.config.seed) + 1_000_003 * self.rollbacks) % 2**32
+        return pipeline.Loader(
+            self.method.train_streams(),
+            global_batch_size=self.config.batch_size,
+            seed=seed,
+            transforms=self.method.train_transforms(),
+            num_threads=self.config.data.get("num_threads", 4),
+        )
+
+    def set_rollbacks(self, n: int) -> None:
+        if n != self.rollbacks:
+            self.loader.close()
+            self.rollbacks = int(n)
+            self.loader = self._make_loader()
 
     def global_batch(self, step: int):
         return pipeline.to_global(self.loader.batch(step), self.data_sharding)
@@ -123,6 +137,7 @@ class Run:
             "method": self.method.name,
             "step": int(step),
             "data": self.loader.state(step),
+            "rollbacks": self.rollbacks,
             "config": json.loads(self.config.to_json_best_effort()),
         }
 
@@ -136,10 +151,74 @@ class Run:
                 f"workdir checkpoint {ckpt.directory}/{latest} is from method "
                 f"{meta.get('method')!r}, not {self.method.name!r}; use another --workdir"
             )
-        state, meta = ckpt.restore(self.abstract_state(), latest)
-        self.loader.check_state(meta["data"])
+        state, meta = self.restore(ckpt, latest, meta)
         logging.info("Resumed from %s at step %d.", ckpt.directory, latest)
         return state
+
+    def restore(self, ckpt: checkpointing.Checkpointer, step: int, meta: dict):
+        """Restores ``step``; a checkpoint that does not fit this config (other network
+        sizes, other players) is a one-line error naming both configs' differences."""
+        self.set_rollbacks(meta.get("rollbacks", 0))
+        abstract = self.abstract_state()
+        # Compare shapes first: Orbax would fail deep in its async reader, leaving noise.
+        misfit = _shape_mismatches(os.path.join(ckpt.directory, str(step), "state"), abstract)
+        if misfit:
+            diff = config_differences(meta.get("config", {}), self.config)
+            raise ValueError(
+                f"workdir checkpoint {ckpt.directory}/{step} ({meta.get('method')}) does not fit "
+                f"this {self.method.name} config: {misfit}; config differences "
+                f"(checkpoint vs now): {diff or 'none found'}; use another --workdir"
+            )
+        state, meta = ckpt.restore(abstract, step)
+        self.loader.check_state(meta["data"])
+        return state, meta
+
+
+def _path(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _shape_mismatches(directory: str, abstract: engine.TrainState, limit: int = 3) -> str:
+    """``''`` if the stored arrays have ``abstract``'s shapes, else the first differences
+    (parameters, statistics and buffers; the optimizer state follows the parameters)."""
+    stored = ocp.StandardCheckpointer().metadata(directory).item_metadata
+    theirs = {_path(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(stored)}
+    problems = []
+    for field in ("params", "model_state", "extra"):
+        for p, x in jax.tree_util.tree_leaves_with_path(getattr(abstract, field)):
+            key = f"{field}/{_path(p)}"
+            if key not in theirs:
+                problems.append(f"{key} is not in the checkpoint")
+            elif theirs[key] != tuple(x.shape):
+                problems.append(f"{key}: checkpoint {theirs[key]} vs now {tuple(x.shape)}")
+    mine = {
+        f"{f}/{_path(p)}"
+        for f in ("params", "model_state", "extra")
+        for p, _ in jax.tree_util.tree_leaves_with_path(getattr(abstract, f))
+    }
+    extra = sorted(k for k in theirs if k.split("/")[0] in ("params", "extra") and k not in mine)
+    problems += [f"{k} is only in the checkpoint" for k in extra]
+    more = f"; and {len(problems) - limit} more" if len(problems) > limit else ""
+    return "; ".join(problems[:limit]) + more
+
+
+def config_differences(saved: dict, config: ml_collections.ConfigDict, limit: int = 6) -> str:
+    """``'model.ngf: 4 vs 8; ...'`` for the leaves that differ between a checkpoint's
+    saved config (JSON) and ``config`` (run-length keys such as num_train_steps too)."""
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(saved), flat(json.loads(config.to_json_best_effort()))
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    text = "; ".join(f"{k}: {a.get(k, '-')!r} vs {b.get(k, '-')!r}" for k in keys[:limit])
+    return text + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def abstract_state(method: engine.Method, tx, sharding) -> engine.TrainState:
@@ -198,13 +277,96 @@ def _finished(workdir: str, total: int) -> bool:
         ckpt.close()
 
 
-def _finite_or_raise(scalars: dict[str, float], step: int) -> None:
-    bad = [k for k, v in scalars.items() if not np.isfinite(v)]
-    if bad:
-        raise FloatingPointError(
-            f"non-finite values at step {step}: {', '.join(bad)}; "
-            "training stopped (the last checkpoint is intact)"
+DIVERGENCE_ACTIONS = ("rollback", "stop", "skip")
+
+
+class _Divergence:
+    """Reads the step's ``guard/*`` flags and the discriminator losses at each log step
+    (``config.divergence``): says what went non-finite, and warns about collapse."""
+
+    def __init__(self, config: ml_collections.ConfigDict, method: engine.Method):
+        d = config.divergence
+        if d.action not in DIVERGENCE_ACTIONS:
+            raise ValueError(
+                f"config.divergence.action={d.action!r}; expected one of {DIVERGENCE_ACTIONS}"
+            )
+        self.guard, self.action, self.max_rollbacks = d.guard, d.action, int(d.max_rollbacks)
+        self.collapse_loss, self.collapse_steps = float(d.collapse_d_loss), int(d.collapse_steps)
+        self.d_phases = tuple(method.discriminator_phases)
+        self.low_steps: dict[str, int] = {}
+
+    def problem(self, scalars: dict[str, float], step: int, n: int) -> str | None:
+        """What was non-finite in the ``n`` steps ending at ``step``, or None."""
+        if not self.guard:  # unguarded: any non-finite loss means the state is already bad
+            bad = [k for k, v in scalars.items() if k.startswith("loss/") and not np.isfinite(v)]
+            if bad:
+                raise FloatingPointError(
+                    f"non-finite values at step {step}: {', '.join(bad)}; training stopped "
+                    "(config.divergence.guard is off; the last checkpoint may be affected)"
+                )
+            return None
+        skipped = round(scalars.get("guard/skipped", 0.0) * n)
+        if not skipped:
+            return None
+        flagged = (
+            lambda prefix: [  # noqa: E731
+                k[len(prefix) :]
+                for k, v in sorted(scalars.items())
+                if k.startswith(prefix) and v > 0
+            ]
         )
+        return (
+            f"{skipped} of steps {step - n + 1}..{step} produced NaN/inf (phase losses: "
+            f"{', '.join(flagged('guard/loss/')) or 'finite'}; parameters or statistics of: "
+            f"{', '.join(flagged('guard/params/')) or 'finite'}); those updates were not applied"
+        )
+
+    def collapse_hints(self, scalars: dict[str, float], step: int, n: int) -> None:
+        """Warns when a discriminator loss stays near zero: D wins outright and the
+        generator's adversarial gradient vanishes (a common prelude to mode collapse)."""
+        if not self.collapse_steps:
+            return
+        for ph in self.d_phases:
+            v = scalars.get(f"loss/{ph}")
+            low = v is not None and np.isfinite(v) and abs(v) < self.collapse_loss
+            self.low_steps[ph] = self.low_steps.get(ph, 0) + n if low else 0
+            if self.low_steps[ph] >= self.collapse_steps:
+                logging.warning(
+                    "possible mode collapse at step %d: discriminator loss %r below %g for "
+                    "%d steps; consider a lower D learning rate or resuming an earlier checkpoint",
+                    step,
+                    ph,
+                    self.collapse_loss,
+                    self.low_steps[ph],
+                )
+                self.low_steps[ph] = 0
+
+
+def _rollback(run: Run, ckpt: checkpointing.Checkpointer, before: int, problem: str):
+    """Restores the newest checkpoint from ``before`` or earlier (else the oldest one kept,
+    else a fresh init: the guard keeps every saved state finite) and changes the data order."""
+    if run.rollbacks >= int(run.config.divergence.max_rollbacks):
+        raise FloatingPointError(
+            f"{problem}; still diverging after {run.rollbacks} rollback(s), training stopped "
+            f"(checkpoints in {ckpt.directory} are intact)"
+        )
+    ckpt.wait()
+    steps = ckpt.all_steps()
+    earlier = [s for s in steps if s <= before]
+    target = max(earlier) if earlier else (min(steps) if steps else None)
+    ckpt.delete_after(-1 if target is None else target)
+    run.set_rollbacks(run.rollbacks + 1)
+    if target is None:
+        state = run.init_state()
+    else:
+        state, _ = ckpt.restore(run.abstract_state(), target)
+    logging.warning(
+        "Rollback %d/%d to step %d with a new data order.",
+        run.rollbacks,
+        run.config.divergence.max_rollbacks,
+        target or 0,
+    )
+    return state, int(jax.device_get(state.step))
 
 
 def train(
@@ -253,12 +415,12 @@ def _train_run(
         save_every=config.checkpoint_every_steps,
         keep=config.get("keep_checkpoints", 3),
     )
+    divergence = _Divergence(config, run.method)
+    state = run.restore_or_init(ckpt)  # before writing anything: a misfit workdir stays as it was
     writer = writers.MetricWriter(workdir)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-
-    state = run.restore_or_init(ckpt)
     step = int(jax.device_get(state.step))
     progress = writers.ProgressLogger(total_steps=total, batch_size=config.batch_size)
     log_every = max(int(config.log_every_steps), 1)
@@ -291,7 +453,27 @@ def _train_run(
                 accum_n += 1
                 if step % log_every == 0 or step == stop_at:
                     scalars = {k: float(v) / accum_n for k, v in jax.device_get(accum).items()}
-                    _finite_or_raise(scalars, step)
+                    problem = divergence.problem(scalars, step, accum_n)
+                    if problem:
+                        writer.write_scalars(step, scalars)
+                        logging.error("%s", problem)
+                        if divergence.action == "stop":
+                            raise FloatingPointError(
+                                f"{problem}; training stopped (config.divergence.action=stop; "
+                                f"checkpoints in {ckpt.directory} are intact)"
+                            )
+                        if divergence.action == "rollback":
+                            state, step = _rollback(run, ckpt, step - accum_n, problem)
+                            batches = run.loader.iterate(step)
+                            accum, accum_n, t_last = None, 0, time.time()
+                            continue
+                    else:  # the per-phase/player flags are all zero: keep the logs short
+                        scalars = {
+                            k: v
+                            for k, v in scalars.items()
+                            if k.count("/") < 2 or not k.startswith("guard/")
+                        }
+                    divergence.collapse_hints(scalars, step, accum_n)
                     now = time.time()
                     scalars["perf/steps_per_sec"] = accum_n / max(now - t_last, 1e-9)
                     scalars["perf/images_per_sec"] = (
@@ -303,12 +485,18 @@ def _train_run(
                     progress.log(step, scalars)
                     accum, accum_n = None, 0
                 ckpt.save(step, state, run.meta(step), force=preemption.requested)
-                if (eval_every and step % eval_every == 0 and step < total) or (
-                    sample_every and step % sample_every == 0 and step < total
+                if not preemption.requested and (  # a preempted job has no time to evaluate
+                    (eval_every and step % eval_every == 0 and step < total)
+                    or (sample_every and step % sample_every == 0 and step < total)
                 ):
                     evaluate_and_sample(step)
                 if preemption.requested or ckpt.reached_preemption(step):
-                    logging.warning("Preempted at step %d: checkpoint written, exiting.", step)
+                    ckpt.wait()  # the message must be true when read (a failed write raises)
+                    logging.warning(
+                        "Preempted at step %d: checkpoint written to %s, exiting.",
+                        step,
+                        ckpt.directory,
+                    )
                     break
             else:
                 if step == total:

@@ -40,7 +40,7 @@ def unpaired_streams(data, split: str, image_size: int) -> dict:
         pair = _translation_pair(split, num, data.seed, image_size)
         return {k: sources.ArraySource({"image": pair[k]}) for k in ("A", "B")}
     if kind == "folder":
-        return sources.cyclegan_folder(data.path, split)
+        return sources.cyclegan_folder(data.path, split, convert_mode=data.convert_mode)
     if kind == "tfds":
         return sources.tfds_cyclegan(data.name, split, data.data_dir or None)
     return {k: sources.NpzSource(data[f"path_{k}"]) for k in ("A", "B")}
