@@ -203,9 +203,7 @@ def _check_isolation(stage, method, state, updates):
     """Each phase changed its players' params and Adam moments, and left the rest bit-exact."""
     for ph in method.phases():
         params, opt_state = updates[ph.name]
-        assert_phase_isolated(
-            ph, method.players, state.params, state.opt_state, params, opt_state
-        )
+        assert_phase_isolated(ph, method.players, state.params, state.opt_state, params, opt_state)
 
 
 def test_pixel_phases_touch_only_their_players_and_losses_match_numpy(staged):

@@ -243,9 +243,7 @@ def test_each_phase_updates_only_its_players(trained):
             return engine.apply_phase_update(tx, params, opt_state, grads, phase.players)
 
         new_params, new_opt = update(params, state.opt_state, inputs)
-        assert_phase_isolated(
-            phase, method.players, params, state.opt_state, new_params, new_opt
-        )
+        assert_phase_isolated(phase, method.players, params, state.opt_state, new_params, new_opt)
 
 
 def test_translate_cli_works_for_discogan(trained, tmp_path):
