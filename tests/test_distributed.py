@@ -180,6 +180,9 @@ def test_two_processes_train_resume_and_match_one_process(tmp_path):
     for s in (2, 3, 4):
         state, metrics = run.step_fn(saved[s - 1], run.global_batch(s - 1))
         for k, v in jax.device_get(metrics).items():
+            if k.count("/") == 2 and k.startswith("guard/"):  # logged only when non-zero
+                assert v == 0 and k not in seen[str(s)], (s, k)
+                continue
             np.testing.assert_allclose(v, seen[str(s)][k], rtol=1e-5, err_msg=f"step {s} {k}")
         mine, theirs = jax.device_get((state, saved[s]))
         assert int(mine.step) == int(theirs.step) == s
