@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ganda_jax import conv
+
 DN = ("NHWC", "HWIO", "NHWC")
 
 
@@ -64,6 +66,19 @@ def jax_rows(n, size, c, repeats):
         ]
         return jnp.stack(taps).reshape(3, 3, c, c)
 
+    def loss_ganda(w, x):
+        y = conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
+        return jnp.sum(y * y)
+
+    ganda_gx = jax.jit(jax.grad(loss_ganda, argnums=1))
+    ganda_gw = jax.jit(jax.grad(loss_ganda, argnums=0))
+    ganda_both = jax.jit(jax.grad(loss_ganda, argnums=(0, 1)))
+    for name, mine, xla in (("input", ganda_gx, gx), ("weight", ganda_gw, gw)):
+        ref, got = xla(w, x), mine(w, x)
+        err = float(jnp.max(jnp.abs(ref - got)) / jnp.max(jnp.abs(ref)))
+        if err > 1e-4:
+            raise AssertionError(f"ganda_jax.conv {name} gradient differs from XLA's: {err:.2g}")
+
     im2col = jax.jit(im2col_weight_grad)
     ref, got = gw(w, x), im2col(w, x)
     err = float(jnp.max(jnp.abs(ref - got)) / jnp.max(jnp.abs(ref)))
@@ -76,6 +91,9 @@ def jax_rows(n, size, c, repeats):
         ("forward + weight grad", gw, 2),
         ("forward + weight grad (im2col GEMMs)", im2col, 2),
         ("forward + both grads", both, 3),
+        ("forward + input grad (ganda_jax.conv)", ganda_gx, 2),
+        ("forward + weight grad (ganda_jax.conv)", ganda_gw, 2),
+        ("forward + both grads (ganda_jax.conv)", ganda_both, 3),
     ):
         t = _time(lambda fn=fn: jax.block_until_ready(fn(w, x)), repeats)
         rows.append(dict(framework="jax", what=name, passes=passes, seconds=t))

@@ -37,7 +37,7 @@ if "--scaling" in sys.argv:  # on a CPU-only machine: 8 virtual devices (set bef
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ganda_jax import engine, parallel, trainer  # noqa: E402
+from ganda_jax import conv, engine, parallel, trainer  # noqa: E402
 
 # method -> how to build its reference-size network, the PyTorch reference model
 # (../shared/bench/torch_ref.py --model) and its reference (image size, batch).
@@ -185,6 +185,7 @@ class Bench:
 def measure(method, image_size, batch_size, dtype, args, num_devices=None) -> dict:
     cfg = build_config(method, image_size, batch_size, dtype, args.variant)
     cfg.divergence.guard = not args.no_guard
+    conv.CPU_GRADIENTS = not args.xla_conv_grads  # read when the step is traced
     bench = Bench(cfg, num_devices)
     # The first step from the seeded init: its losses let runs on other meshes be compared.
     first = {k: float(v) for k, v in jax.device_get(bench.run(1)).items()}
@@ -199,6 +200,7 @@ def measure(method, image_size, batch_size, dtype, args, num_devices=None) -> di
         batch_size=int(cfg.batch_size),
         dtype=dtype,
         guard=bool(cfg.divergence.guard),
+        cpu_conv_grads=conv.CPU_GRADIENTS and jax.default_backend() == "cpu",
         devices=int(devices),
         device_kind=jax.devices()[0].device_kind,
         compile_s=bench.compile_s,
@@ -310,6 +312,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--compare-torch", action="store_true")
+    p.add_argument(
+        "--xla-conv-grads",
+        action="store_true",
+        help="on CPU, XLA's convolution gradients instead of ganda_jax.conv's",
+    )
     p.add_argument(
         "--no-guard",
         action="store_true",

@@ -124,7 +124,7 @@ import numpy as np
 
 from ganda_jax import engine, evaluation, image_metrics, losses
 from ganda_jax.data import semi
-from ganda_jax.layers import BatchNorm, Dtype, make_norm
+from ganda_jax.layers import FAST, BatchNorm, Dtype, make_norm
 
 # Random draws are made flat and reshaped: the same distributions, but XLA:CPU compiles the
 # threefry generator for a rank-2..4 shape several times slower than for a rank-1 one
@@ -152,6 +152,7 @@ def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, *, dtype
         padding=((padding, padding), (padding, padding)),
         kernel_init=conv_init,
         dtype=dtype,
+        **FAST,
     )
 
 

@@ -103,7 +103,7 @@ import numpy as np
 
 from ganda_jax import classify_eval, cyclegan, engine, image_metrics, losses, seg_eval
 from ganda_jax.data import da, seg
-from ganda_jax.layers import BatchNorm, Dtype
+from ganda_jax.layers import FAST, BatchNorm, Dtype
 
 STAGES = ("pretrain", "pixel", "feature")
 TASKS = ("classify", "segment")
@@ -146,7 +146,7 @@ class TaskNet(nn.Module):
     def __call__(self, x, *, train: bool):
         y = x.astype(self.dtype)
         for f, rate in zip(self.features, self.conv_dropout):
-            y = nn.Conv(f, (5, 5), strides=(2, 2), padding=2, dtype=self.dtype)(y)
+            y = nn.Conv(f, (5, 5), strides=(2, 2), padding=2, dtype=self.dtype, **FAST)(y)
             y = _norm(self.norm, self.dtype)(y, train=train)
             # Dropout2d: whole channels (broadcast over H, W).
             y = nn.Dropout(rate, broadcast_dims=(1, 2), deterministic=not train)(y)
@@ -178,10 +178,10 @@ class SegNet(nn.Module):
         y = x.astype(self.dtype)
         for i, f in enumerate(self.features):
             stride = 1 if i == 0 else 2
-            y = nn.Conv(f, (3, 3), strides=(stride, stride), padding=1, dtype=self.dtype)(y)
+            y = nn.Conv(f, (3, 3), strides=(stride, stride), padding=1, dtype=self.dtype, **FAST)(y)
             y = nn.relu(_norm(self.norm, self.dtype)(y, train=train))
         hidden = y
-        score = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype)(y).astype(jnp.float32)
+        score = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, **FAST)(y).astype(jnp.float32)
         logits = jax.image.resize(score, (b, h, w, self.num_classes), method="bilinear")
         return logits, (hidden.astype(jnp.float32) if self.penultimate else score)
 

@@ -17,9 +17,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ganda_jax.conv import conv_general_dilated
+
 Dtype = Any
 
 conv_init = nn.initializers.normal(stddev=0.02)
+
+# ``nn.Conv(..., **FAST)``: the convolution with fast gradients on CPU (ganda_jax.conv).
+FAST = {"conv_general_dilated": conv_general_dilated}
 
 
 def scale_init(key, shape, dtype=jnp.float32):
@@ -116,6 +121,7 @@ class Conv(nn.Module):
             use_bias=self.use_bias,
             kernel_init=conv_init,
             dtype=self.dtype,
+            **FAST,
         )(x.astype(self.dtype))
 
 
