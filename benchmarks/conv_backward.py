@@ -26,6 +26,8 @@ import numpy as np
 
 from ganda_jax import conv
 
+conv.CPU_GRADIENTS = True  # the rows below compare it with XLA's
+
 DN = ("NHWC", "HWIO", "NHWC")
 
 

@@ -185,7 +185,7 @@ class Bench:
 def measure(method, image_size, batch_size, dtype, args, num_devices=None) -> dict:
     cfg = build_config(method, image_size, batch_size, dtype, args.variant)
     cfg.divergence.guard = not args.no_guard
-    conv.CPU_GRADIENTS = not args.xla_conv_grads  # read when the step is traced
+    conv.CPU_GRADIENTS = args.cpu_conv_grads  # read when the step is traced
     bench = Bench(cfg, num_devices)
     # The first step from the seeded init: its losses let runs on other meshes be compared.
     first = {k: float(v) for k, v in jax.device_get(bench.run(1)).items()}
@@ -313,9 +313,9 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--compare-torch", action="store_true")
     p.add_argument(
-        "--xla-conv-grads",
+        "--cpu-conv-grads",
         action="store_true",
-        help="on CPU, XLA's convolution gradients instead of ganda_jax.conv's",
+        help="on CPU, ganda_jax.conv's weight gradients (GANDA_CPU_CONV_GRADS=1) instead of XLA's",
     )
     p.add_argument(
         "--no-guard",

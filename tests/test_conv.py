@@ -11,6 +11,11 @@ from ganda_jax import conv
 DN = ("NHWC", "HWIO", "NHWC")
 
 
+@pytest.fixture(autouse=True)
+def cpu_gradients(monkeypatch):
+    monkeypatch.setattr(conv, "CPU_GRADIENTS", True)  # opt-in (GANDA_CPU_CONV_GRADS=1)
+
+
 @pytest.mark.parametrize(
     "kernel,stride,padding",
     [
