@@ -455,8 +455,9 @@ def _train_run(
                     scalars = {k: float(v) / accum_n for k, v in jax.device_get(accum).items()}
                     problem = divergence.problem(scalars, step, accum_n)
                     if problem:
-                        writer.write_scalars(step, scalars)
                         logging.error("%s", problem)
+                        if divergence.action != "skip":  # (skip writes them below)
+                            writer.write_scalars(step, scalars)
                         if divergence.action == "stop":
                             raise FloatingPointError(
                                 f"{problem}; training stopped (config.divergence.action=stop; "

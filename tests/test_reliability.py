@@ -136,6 +136,19 @@ def test_stop_action_names_the_loss_and_players_and_keeps_the_checkpoint(tmp_pat
         ckpt.close()
 
 
+def test_skip_action_goes_on_without_the_bad_update(tmp_path, poisoned):
+    cfg = _config()
+    cfg.divergence.action = "skip"
+    workdir = str(tmp_path / "run")
+    state = trainer.train(cfg, workdir, mesh=parallel.make_mesh(1))
+    assert int(state.step) == cfg.num_train_steps
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    steps = [x["step"] for x in lines if "loss/G" in x]
+    assert steps == [1, 2, 3, 4, 5, 6]  # no rollback, and the bad step logged once
+    assert [x["step"] for x in lines if x.get("guard/skipped")] == [POISON_STEP + 1]
+
+
 def test_collapse_hint_when_the_discriminator_loss_stays_near_zero(tmp_path, caplog, poisoned):
     poisoned.poison_sum = 1e30  # never hit; the same program as the tests above (compile cache)
     cfg = _config(checkpoint_every_steps=100)
