@@ -6,8 +6,8 @@
   python train.py --config=configs/cyclegan.py:folder --config.data.path=DIR --workdir=...
 
 Default: the embedded translation pair (64x64, hidden ground truth) with a
-CPU-sized network (ngf=ndf=32, 6 residual blocks — the official setting for
-128 px images, at half width). The paper variants use the paper's network
+CPU-sized network (ngf=ndf=16, 6 residual blocks; the official block count for
+128 px images, at a quarter of the width). The paper variants use the paper's network
 (ngf=ndf=64, 9 blocks), 256x256 crops of 286 px resizes, batch 1, 200 epochs
 (100 constant + 100 linear decay).
 """
