@@ -338,13 +338,14 @@ def _guard_nonfinite(old: TrainState, new: TrainState, metrics: dict, phases) ->
     for p in new.params:
         flags[f"guard/params/{p}"] = ~all_finite((new.params[p], new.model_state.get(p, {})))
     bad = jnp.any(jnp.stack(list(flags.values())))
-    keep = lambda n, o: jnp.where(bad, o, n)  # noqa: E731
-    guarded = new.replace(
-        params=jax.tree.map(keep, new.params, old.params),
-        opt_state=jax.tree.map(keep, new.opt_state, old.opt_state),
-        model_state=jax.tree.map(keep, new.model_state, old.model_state),
-        extra=jax.tree.map(keep, new.extra, old.extra),
+    # One conditional over the whole state rather than a select per leaf: the same values, but
+    # far fewer fusions to compile (runlocal step compile on 2 CPU cores, one measurement each:
+    # CycleGAN 20.9 -> 12.6 s, PixelDA 12.9 -> 8.6 s).
+    fields = lambda s: (s.params, s.opt_state, s.model_state, s.extra)  # noqa: E731
+    params, opt_state, model_state, extra = jax.lax.cond(
+        bad, lambda: fields(old), lambda: fields(new)
     )
+    guarded = new.replace(params=params, opt_state=opt_state, model_state=model_state, extra=extra)
     out = {**metrics, "guard/skipped": bad.astype(jnp.float32)}
     out.update({k: v.astype(jnp.float32) for k, v in flags.items()})
     return guarded, out
