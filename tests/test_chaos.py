@@ -21,6 +21,10 @@ from conftest import ROOT, equal_trees
 
 from ganda_jax import checkpointing
 
+# Every test here starts train.py subprocesses (~3 min in all on 2 cores): CI runs them in its
+# slow pass (`python -m pytest tests -m slow`) to keep the default suite under 15 minutes.
+pytestmark = pytest.mark.slow
+
 STEPS, SEED = 10, 0  # every test trains this run: one compilation, one reference
 
 
@@ -104,7 +108,6 @@ def test_chaos_sigkills_during_writes_and_steps_lose_nothing(reference, tmp_path
     assert "final state bit-identical to the uninterrupted run" in out
 
 
-@pytest.mark.slow
 def test_chaos_ten_sigkills_over_one_run(tmp_path, capsys):
     """The full-strength run (``scripts/chaos.py``'s defaults: 10 kills), in CI's slow pass."""
     rc = chaos.main(["--kills", "10", "--chaos_seed", "1", "--workdir", str(tmp_path)])

@@ -169,6 +169,7 @@ def test_unknown_variant_is_an_error():
         load_config("cyclegan", "runlokal")
 
 
+@pytest.mark.slow  # compiling bf16 on XLA:CPU takes ~70 s: CI's slow pass
 def test_bfloat16_compute_keeps_float32_params_and_losses():
     cfg = load_config("cyclegan", "runlocal")
     cfg.dtype = "bfloat16"

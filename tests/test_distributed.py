@@ -22,6 +22,10 @@ from conftest import equal_trees
 
 from ganda_jax import checkpointing, parallel, trainer
 
+# Multi-process and cross-device-count runs take ~3 min on 2 cores: CI runs them in its slow
+# pass (`python -m pytest tests -m slow`) to keep the default suite under 15 minutes.
+pytestmark = pytest.mark.slow
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_worker.py")
 NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 4  # 8 in all, as the single-process reference
@@ -116,7 +120,6 @@ def _same_leaves(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow  # two JAX processes start twice (~110 s on 2 cores): CI's slow pass
 def test_two_processes_train_resume_and_match_one_process(tmp_path):
     workdir, first, second = (str(tmp_path / n) for n in ("run", "first", "second"))
     cfg = _config()

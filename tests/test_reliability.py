@@ -113,6 +113,7 @@ def test_rollback_restores_an_earlier_checkpoint_with_a_new_data_order(tmp_path,
     probe.loader.close()
 
 
+@pytest.mark.slow  # CI's slow pass (default-suite time budget)
 def test_rollbacks_are_bounded_then_training_stops(tmp_path, poisoned):
     cfg = _config()
     cfg.divergence.max_rollbacks = 2
@@ -136,6 +137,7 @@ def test_stop_action_names_the_loss_and_players_and_keeps_the_checkpoint(tmp_pat
         ckpt.close()
 
 
+@pytest.mark.slow  # CI's slow pass (default-suite time budget)
 def test_skip_action_goes_on_without_the_bad_update(tmp_path, poisoned):
     cfg = _config()
     cfg.divergence.action = "skip"
@@ -149,6 +151,7 @@ def test_skip_action_goes_on_without_the_bad_update(tmp_path, poisoned):
     assert [x["step"] for x in lines if x.get("guard/skipped")] == [POISON_STEP + 1]
 
 
+@pytest.mark.slow  # ~30 s: CI's slow pass
 def test_collapse_hint_when_the_discriminator_loss_stays_near_zero(tmp_path, caplog, poisoned):
     poisoned.poison_sum = 1e30  # never hit; the same program as the tests above (compile cache)
     cfg = _config(checkpoint_every_steps=100)
