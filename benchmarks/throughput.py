@@ -116,6 +116,23 @@ def _cost(compiled) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
+def compiled_memory_bytes(compiled) -> int | None:
+    """Device memory the compiled step needs (arguments + outputs + temporaries, less what
+    donation aliases), from XLA's memory analysis: known before the step runs, on CPU too."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if m is None:
+        return None
+    return int(
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+
+
 def peak_memory_bytes(device) -> int | None:
     try:
         stats = device.memory_stats()
@@ -186,6 +203,7 @@ def measure(method, image_size, batch_size, dtype, args, num_devices=None) -> di
     cfg = build_config(method, image_size, batch_size, dtype, args.variant)
     cfg.divergence.guard = not args.no_guard
     conv.CPU_GRADIENTS = args.cpu_conv_grads  # read when the step is traced
+    conv.CPU_REWRITES = not args.xla_convs
     bench = Bench(cfg, num_devices)
     # The first step from the seeded init: its losses let runs on other meshes be compared.
     first = {k: float(v) for k, v in jax.device_get(bench.run(1)).items()}
@@ -201,6 +219,7 @@ def measure(method, image_size, batch_size, dtype, args, num_devices=None) -> di
         dtype=dtype,
         guard=bool(cfg.divergence.guard),
         cpu_conv_grads=conv.CPU_GRADIENTS and jax.default_backend() == "cpu",
+        cpu_conv_rewrites=conv.CPU_REWRITES and jax.default_backend() == "cpu",
         devices=int(devices),
         device_kind=jax.devices()[0].device_kind,
         compile_s=bench.compile_s,
@@ -209,6 +228,7 @@ def measure(method, image_size, batch_size, dtype, args, num_devices=None) -> di
         images_per_s=cfg.batch_size / med,
         images_per_s_per_device=cfg.batch_size / med / devices,
         peak_memory_bytes=peak_memory_bytes(jax.devices()[0]),
+        compiled_memory_bytes=compiled_memory_bytes(bench.compiled),
         flops_per_step=bench.flops,
         achieved_tflops=achieved / 1e12 if achieved else None,
         mfu=achieved / (peak * 1e12 * devices) if achieved and peak else None,
@@ -275,6 +295,7 @@ COLUMNS = [
     ("step_time_min_s", "{:.4f}"),
     ("images_per_s", "{:.1f}"),
     ("peak_memory_bytes", "{:.3g}"),
+    ("compiled_memory_bytes", "{:.3g}"),
     ("flops_per_step", "{:.3g}"),
     ("achieved_tflops", "{:.3g}"),
     ("mfu", "{:.1%}"),
@@ -316,6 +337,12 @@ def main(argv=None) -> int:
         "--cpu-conv-grads",
         action="store_true",
         help="on CPU, ganda_jax.conv's weight gradients (GANDA_CPU_CONV_GRADS=1) instead of XLA's",
+    )
+    p.add_argument(
+        "--xla-convs",
+        action="store_true",
+        help="on CPU, XLA's own convolutions without ganda_jax.conv's rewrites "
+        "(GANDA_CPU_CONV_REWRITES=0)",
     )
     p.add_argument(
         "--no-guard",

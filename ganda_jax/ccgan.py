@@ -124,7 +124,7 @@ import numpy as np
 
 from ganda_jax import engine, evaluation, image_metrics, losses
 from ganda_jax.data import semi
-from ganda_jax.layers import FAST, BatchNorm, Dtype, make_norm
+from ganda_jax.layers import FAST, BatchNorm, ConvTranspose, Dtype, make_norm
 
 # Random draws are made flat and reshaped: the same distributions, but XLA:CPU compiles the
 # threefry generator for a rank-2..4 shape several times slower than for a rank-1 one
@@ -236,7 +236,7 @@ class ContextEncoder(nn.Module):
         h = nn.relu(BatchNorm(dtype=self.dtype)(h, train=train))
         for i in reversed(range(self.n_down)):
             features = self.ngf * 2 ** (i - 1) if i > 0 else self.out_channels
-            h = nn.ConvTranspose(
+            h = ConvTranspose(
                 features,
                 (4, 4),
                 strides=(2, 2),

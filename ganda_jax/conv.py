@@ -1,19 +1,33 @@
-"""A 2-D convolution with gradients that XLA:CPU computes quickly.
+"""2-D convolutions (regular and transposed) that stay on XLA:CPU's fast paths.
 
-XLA:CPU runs a forward convolution about as fast as PyTorch's oneDNN, but the
-weight-gradient convolution its autodiff emits takes a slow path: it ran at a
-tenth of the forward FLOP rate (``benchmarks/conv_backward.py``), while the
-input gradient runs about as fast as the forward pass. On the CPU
-backend, when enabled (``GANDA_CPU_CONV_GRADS=1``), :func:`conv_general_dilated` has a custom VJP that keeps XLA's
-input gradient and computes the weight gradient as one GEMM per kernel tap,
-``dW[i, j] = X_ij^T dY``, where ``X_ij`` is the padded input shifted by
-``(i, j)`` and strided like the output (im2col without materialising the patch
-matrix), which XLA:CPU runs at GEMM speed.
+On GPU and TPU these are ``lax.conv_general_dilated`` / ``lax.conv_transpose``
+unchanged. On the CPU backend XLA hands most NHWC convolutions to fast kernels
+(YNNPACK fusions in jax 0.10), but a whole-step profile of every method
+(``benchmarks/profile_step.py``) found two shapes that fall to a generic loop
+at a few GFLOP/s and took up to half of a training step:
 
-Other backends (GPU, TPU) and other convolutions (dilation, groups, layouts
-other than NHWC/HWIO) use ``lax.conv_general_dilated`` unchanged. The signature
-is ``lax.conv_general_dilated``'s, so it plugs into ``flax.linen.Conv(...,
-conv_general_dilated=conv_general_dilated)``.
+* a convolution whose output is smaller than its kernel (PatchGAN's 4x4 convs
+  on 4x4 or 3x3 maps at 32x32 input): XLA computes its input gradient with the
+  operands swapped, off the fast path (PixelDA: three such gradients took 2.7 s
+  of a 6.0 s step). Here it is a GEMM over the patch matrix (im2col), whose
+  gradients are GEMMs and pads;
+* a transposed convolution (an input-dilated convolution, every upsampling
+  generator): here it is the ``s*s`` sub-pixel stride-1 convolutions of the
+  input with the kernel's taps of each output phase, interleaved (no
+  multiplications by the dilation's zeros, ``s*s`` times fewer FLOPs), each
+  through the rule above.
+
+Both rewrites compute the same sums as XLA (tests check values and gradients
+against ``lax``). Optionally (``GANDA_CPU_CONV_GRADS=1``), the weight gradient of
+other convolutions is one GEMM per kernel tap: that was 4x faster than XLA's on
+an earlier CPU (AVX2, jax's Eigen path) and is slower than XLA's YNNPACK path on
+an AVX-512 one, so it stays opt-in (``benchmarks/RESULTS.md``).
+
+Layouts other than NHWC/HWIO, dilated kernels and grouped convolutions fall
+through to ``lax``. :func:`conv_general_dilated` has ``lax.conv_general_dilated``'s
+signature, so it plugs into ``flax.linen.Conv(..., conv_general_dilated=...)``;
+:func:`conv_transpose` is ``lax.conv_transpose(..., transpose_kernel=False)``,
+what ``flax.linen.ConvTranspose`` computes (``layers.ConvTranspose`` uses it).
 """
 
 from __future__ import annotations
@@ -25,11 +39,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Opt-in (``GANDA_CPU_CONV_GRADS=1``, or True here before tracing): the per-tap GEMMs make
-# bigger programs, and for the tiny models of the test suite the extra compile time outweighs
-# the faster steps (a clean CI run took 22.5 min instead of about 13); at reference sizes the
-# steps are up to 2.2x faster (benchmarks/RESULTS.md).
+# Opt-in (``GANDA_CPU_CONV_GRADS=1``, or True here before tracing): the per-tap weight gradient.
 CPU_GRADIENTS = os.environ.get("GANDA_CPU_CONV_GRADS", "0") == "1"
+# The two CPU rewrites above (on by default; False here before tracing gives XLA's own
+# convolutions, which is how benchmarks/throughput.py --xla-convs measures their effect).
+CPU_REWRITES = os.environ.get("GANDA_CPU_CONV_REWRITES", "1") == "1"
 
 _NHWC = lax.ConvDimensionNumbers(
     lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2)
@@ -42,6 +56,10 @@ def _is_nhwc(dimension_numbers, ndim) -> bool:
     if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
         return dimension_numbers == _NHWC
     return tuple(dimension_numbers) == ("NHWC", "HWIO", "NHWC")
+
+
+def _ones(x) -> bool:
+    return all(int(d) == 1 for d in (x or (1, 1)))
 
 
 def conv_general_dilated(
@@ -57,16 +75,15 @@ def conv_general_dilated(
     precision=None,
     preferred_element_type=None,
 ):
-    """``lax.conv_general_dilated``, with the fast CPU gradients where they apply."""
+    """``lax.conv_general_dilated``, rewritten on CPU where XLA would leave its fast paths."""
     plain = (
-        CPU_GRADIENTS
-        and jax.default_backend() == "cpu"
+        jax.default_backend() == "cpu"
+        and (CPU_REWRITES or CPU_GRADIENTS)
         and _is_nhwc(dimension_numbers, jnp.ndim(lhs))
         and feature_group_count == 1
         and batch_group_count == 1
         and preferred_element_type is None
-        and all(d == 1 for d in (lhs_dilation or (1, 1)))
-        and all(d == 1 for d in (rhs_dilation or (1, 1)))
+        and _ones(rhs_dilation)
     )
     if not plain:
         return lax.conv_general_dilated(
@@ -83,10 +100,81 @@ def conv_general_dilated(
             preferred_element_type=preferred_element_type,
         )
     strides = tuple(int(s) for s in window_strides)
+    dilation = tuple(int(d) for d in (lhs_dilation or (1, 1)))
     if isinstance(padding, str):
+        if not _ones(dilation):
+            raise ValueError("string padding with lhs_dilation: pass explicit padding pairs")
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if not _ones(dilation):
+        if not CPU_REWRITES or not _ones(strides):
+            return lax.conv_general_dilated(
+                lhs, rhs, strides, pads, lhs_dilation=dilation, dimension_numbers=_NHWC,
+                precision=precision,
+            )  # fmt: skip
+        return _subpixel(lhs, rhs, dilation, pads, precision)
     return _conv(lhs, rhs, strides, pads, precision)
+
+
+def conv_transpose(x, w, strides, padding, precision=None):
+    """``lax.conv_transpose(x, w, strides, padding, transpose_kernel=False)`` for NHWC/HWIO
+    (what ``flax.linen.ConvTranspose`` computes): the input dilated by ``strides``, padded,
+    correlated with ``w``; on CPU as sub-pixel convolutions (see the module docstring)."""
+    strides = tuple(int(s) for s in strides)
+    if isinstance(padding, str):
+        padding = [_transpose_padding(k, s, padding) for k, s in zip(w.shape[:2], strides)]
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return conv_general_dilated(
+        x, w, (1, 1), pads, lhs_dilation=strides, dimension_numbers=_NHWC, precision=precision
+    )
+
+
+def _transpose_padding(k: int, s: int, padding: str) -> tuple[int, int]:
+    """``lax.conv_transpose``'s padding of the dilated input for 'SAME' / 'VALID'."""
+    if padding == "SAME":
+        total = k + s - 2
+        lo = k - 1 if s > k - 1 else -(-total // 2)
+    elif padding == "VALID":
+        total = k + s - 2 + max(k - s, 0)
+        lo = k - 1
+    else:
+        raise ValueError(f"padding must be 'SAME', 'VALID' or pairs, got {padding!r}")
+    return lo, total - lo
+
+
+def _out_size(size: int, k: int, s: int, lo: int, hi: int) -> int:
+    return (size + lo + hi - k) // s + 1
+
+
+def _conv(x, w, strides, pads, precision):
+    """A plain strided convolution on CPU: GEMM form when the output is smaller than the
+    kernel (XLA's input gradient would leave the fast path), else XLA's (or the opt-in
+    per-tap weight gradient)."""
+    kh, kw = w.shape[:2]
+    ho = _out_size(x.shape[1], kh, strides[0], *pads[0])
+    wo = _out_size(x.shape[2], kw, strides[1], *pads[1])
+    if CPU_REWRITES and (ho < kh or wo < kw):
+        return _conv_gemm(x, w, strides, pads, precision)
+    if CPU_REWRITES and min(kh, kw) >= 3 and any(p == 0 for pair in pads for p in pair):
+        return _pad_and_crop(x, w, strides, pads, precision)
+    if CPU_GRADIENTS:
+        return _conv_tap_grads(x, w, strides, pads, precision)
+    return _forward(x, w, strides, pads, precision)
+
+
+def _pad_and_crop(x, w, strides, pads, precision):
+    """A side with no zero padding gets ``stride`` rows of it, and the one extra output row
+    this makes there is cropped: the same sums. XLA:CPU's YNNPACK convolution without
+    padding ran 2-20x slower than the same convolution with it (CycleGAN's reflect-padded
+    7x7 64->3 output conv: 273 -> 13 ms forward on 2 cores; with both gradients 373 -> 105
+    ms). Only for kernels of 3 taps or more: for 2x2 and 1xN kernels (the sub-pixel
+    convolutions) the padded form's weight gradient left the fast path (93 -> 906 ms)."""
+    grown = tuple(
+        (lo or s, hi or s) for (lo, hi), s in zip(pads, strides)
+    )  # a zero side grows by s
+    y = _conv(x, w, strides, grown, precision)
+    (t, b), (left, right) = [(int(lo == 0), int(hi == 0)) for lo, hi in pads]
+    return y[:, t : y.shape[1] - b, left : y.shape[2] - right]
 
 
 def _forward(x, w, strides, pads, precision):
@@ -95,8 +183,95 @@ def _forward(x, w, strides, pads, precision):
     )
 
 
+def _taps(x, kh, kw, strides, pads, out_hw):
+    """The ``kh * kw`` shifted, strided views of the padded input, one per kernel tap."""
+    (sh, sw), ((pt, pb), (pl, pr)) = strides, pads
+    n, _, _, c = x.shape
+    ho, wo = out_hw
+    # Negative padding (a crop) is a slice; positive is zero padding.
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+    return [
+        lax.slice(
+            xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), (1, sh, sw, 1)
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+
+
+def _conv_gemm(x, w, strides, pads, precision):
+    """``y = im2col(x) @ W``: the patch matrix [N, Ho, Wo, kh*kw*Cin] times the kernel
+    reshaped [kh*kw*Cin, Cout]; autodiff makes both gradients GEMMs (and pads)."""
+    kh, kw, cin, cout = w.shape
+    ho = _out_size(x.shape[1], kh, strides[0], *pads[0])
+    wo = _out_size(x.shape[2], kw, strides[1], *pads[1])
+    patches = jnp.concatenate(_taps(x, kh, kw, strides, pads, (ho, wo)), axis=-1)
+    return lax.dot_general(
+        patches, w.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())), precision=precision
+    )
+
+
+def _subpixel(x, w, dilation, pads, precision):
+    """The input-dilated (transposed) convolution as ``s_h * s_w`` stride-1 convolutions.
+
+    With ``xd`` the input dilated by ``s`` and padded by ``lo`` in front,
+    ``out[y] = sum_i xd[y + i] w[i]`` and ``xd[lo + s*h] = x[h]``, so output phase
+    ``a`` (``y = s*m + a``) only sees the taps ``i = r + s*t`` with ``r = (lo - a) mod s``:
+    ``out[s*m + a] = sum_t x[m + d + t] w[r + s*t]``, ``d = (a + r - lo) / s``, a plain
+    correlation of ``x`` with every ``s``-th tap. The phases are interleaved back.
+    """
+    n, h, wd, _ = x.shape
+    kh, kw, _, cout = w.shape
+    sizes = [
+        (size - 1) * s + 1 + lo + hi - k + 1
+        for size, s, (lo, hi), k in zip((h, wd), dilation, pads, (kh, kw))
+    ]
+    if min(sizes) <= 0:
+        raise ValueError(f"transposed convolution with an empty output ({sizes})")
+
+    def phase_plan(size, s, lo, k, out):
+        """Per output phase a: (first tap r, input offset d, outputs m, padding)."""
+        plans = []
+        for a in range(s):
+            r = (lo - a) % s
+            d = (a + r - lo) // s
+            m = -(-(out - a) // s)  # outputs y = s*m + a < out
+            taps = len(range(r, k, s))
+            if m <= 0:
+                plans.append(None)
+            elif taps == 0:
+                plans.append((r, d, m, None))  # no tap reaches this phase: zeros
+            else:
+                # correlate x (length size) over positions m + d + t, t < taps
+                plans.append((r, d, m, (-d, (m - 1 + d + taps - 1) - (size - 1))))
+        return plans
+
+    plan_h = phase_plan(h, dilation[0], pads[0][0], kh, sizes[0])
+    plan_w = phase_plan(wd, dilation[1], pads[1][0], kw, sizes[1])
+    mh = max(p[2] for p in plan_h if p)  # phases have m or m - 1 outputs: pad to mh, crop
+    mw = max(p[2] for p in plan_w if p)
+    rows = []
+    for ph in plan_h:
+        cols = []
+        for pw in plan_w:
+            if ph is None or pw is None or ph[3] is None or pw[3] is None:
+                y = jnp.zeros((n, mh, mw, cout), x.dtype)
+            else:
+                sub = w[ph[0] :: dilation[0], pw[0] :: dilation[1]]
+                y = _conv(x, sub, (1, 1), (ph[3], pw[3]), precision)
+                y = jnp.pad(y, ((0, 0), (0, mh - ph[2]), (0, mw - pw[2]), (0, 0)))
+            cols.append(y)
+        rows.append(jnp.stack(cols, axis=3))  # [n, mh, mw, s_w, c]
+    out = jnp.stack(rows, axis=2)  # [n, mh, s_h, mw, s_w, c]
+    out = out.reshape(n, mh * dilation[0], mw * dilation[1], cout)
+    return out[:, : sizes[0], : sizes[1]]
+
+
+# --- the opt-in per-tap weight gradient --------------------------------------------------
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(x, w, strides, pads, precision):
+def _conv_tap_grads(x, w, strides, pads, precision):
     return _forward(x, w, strides, pads, precision)
 
 
@@ -111,35 +286,24 @@ def _conv_bwd(strides, pads, precision, residuals, dy):
     )
 
 
-_conv.defvjp(_conv_fwd, _conv_bwd)
+_conv_tap_grads.defvjp(_conv_fwd, _conv_bwd)
 
 
 def _weight_grad(x, dy, w_shape, strides, pads, precision):
     """``dW[i, j] = sum_{n,h,w} x_pad[n, h*s + i, w*s + j, :]^T dy[n, h, w, :]``."""
     kh, kw, cin, cout = w_shape
     n, ho, wo, _ = dy.shape
-    (sh, sw), ((pt, pb), (pl, pr)) = strides, pads
-    # Negative padding (a crop) is a slice; positive is zero padding.
-    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
     rows = dy.reshape(n * ho * wo, cout)
-    taps = []
-    for i in range(kh):
-        for j in range(kw):
-            patch = lax.slice(
-                xp,
-                (0, i, j, 0),
-                (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin),
-                (1, sh, sw, 1),
-            )
-            taps.append(
-                lax.dot_general(
-                    patch.reshape(n * ho * wo, cin),
-                    rows,
-                    (((0,), (0,)), ((), ())),
-                    precision=precision,
-                    preferred_element_type=jnp.float32,
-                )
-            )
+    taps = [
+        lax.dot_general(
+            patch.reshape(n * ho * wo, cin),
+            rows,
+            (((0,), (0,)), ((), ())),
+            precision=precision,
+            preferred_element_type=jnp.float32,
+        )
+        for patch in _taps(x, kh, kw, strides, pads, (ho, wo))
+    ]
     return jnp.stack(taps).reshape(kh, kw, cin, cout).astype(dy.dtype)
 
 

@@ -85,7 +85,7 @@ import numpy as np
 
 from ganda_jax import engine, image_metrics, losses, translation_eval
 from ganda_jax.data import datasets, sources
-from ganda_jax.layers import Conv, Dtype, InstanceNorm, conv_init, make_norm
+from ganda_jax.layers import Conv, ConvTranspose, Dtype, InstanceNorm, conv_init, make_norm
 
 #: The paired training stream and its two image fields (see ``data.paired``).
 PAIRED_STREAM = "AB"
@@ -134,7 +134,7 @@ class UNetUp(nn.Module):
 
     @nn.compact
     def __call__(self, x, skip, *, train: bool):
-        h = nn.ConvTranspose(
+        h = ConvTranspose(
             self.features,
             (4, 4),
             strides=(2, 2),

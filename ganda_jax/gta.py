@@ -104,7 +104,7 @@ import numpy as np
 
 from ganda_jax import classify_eval, engine, image_metrics, losses
 from ganda_jax.data import da
-from ganda_jax.layers import BatchNorm, Conv, Dtype, conv_init
+from ganda_jax.layers import BatchNorm, Conv, ConvTranspose, Dtype, conv_init, max_pool
 
 #: G upsamples 1x1 -> 2 -> 4 -> 8 -> 16 -> 32, D pools 32 -> 1: the digit size.
 IMAGE_SIZE = 32
@@ -122,7 +122,7 @@ class FeatureNet(nn.Module):
         for i, features in enumerate((self.ndf, self.ndf, 2 * self.ndf)):
             h = nn.relu(Conv(features, 5, padding=0, dtype=self.dtype)(h))
             if i < 2:
-                h = nn.max_pool(h, (2, 2), strides=(2, 2))
+                h = max_pool(h, 2)
         return h.reshape(h.shape[0], -1)
 
 
@@ -153,7 +153,7 @@ class Generator(nn.Module):
         # (2, 1, 0) then (4, 2, 1), as the reference.
         layers = [(8, 2, 1, 1)] + [(m, 4, 2, 2) for m in (4, 2, 1)]
         for mult, k, s, pad in layers:
-            h = nn.ConvTranspose(
+            h = ConvTranspose(
                 self.ngf * mult,
                 (k, k),
                 strides=(s, s),
@@ -163,7 +163,7 @@ class Generator(nn.Module):
                 dtype=self.dtype,
             )(h)
             h = nn.relu(BatchNorm(dtype=self.dtype)(h, train=train))
-        h = nn.ConvTranspose(
+        h = ConvTranspose(
             self.out_channels,
             (4, 4),
             strides=(2, 2),
@@ -189,7 +189,7 @@ class Discriminator(nn.Module):
         for mult, pool in ((1, 2), (2, 2), (4, 2), (2, 4)):
             h = Conv(self.ndf * mult, 3, padding=1, dtype=self.dtype)(h)
             h = nn.leaky_relu(BatchNorm(dtype=self.dtype)(h, train=train), 0.2)
-            h = nn.max_pool(h, (pool, pool), strides=(pool, pool))
+            h = max_pool(h, pool)
         h = h.reshape(h.shape[0], -1)
         data = nn.Dense(1, dtype=self.dtype)(h)[:, 0]
         cls = nn.Dense(self.num_classes, dtype=self.dtype)(h)

@@ -111,7 +111,7 @@ import numpy as np
 
 from ganda_jax import engine, image_metrics, losses, seg_eval
 from ganda_jax.data import seg
-from ganda_jax.layers import Conv, Dtype, InstanceNorm, conv_init
+from ganda_jax.layers import Conv, ConvTranspose, Dtype, InstanceNorm, conv_init, max_pool
 
 #: D_data's four per-pixel domain classes.
 SRC_REAL, SRC_FAKE, TGT_REAL, TGT_FAKE = 0, 1, 2, 3
@@ -167,7 +167,7 @@ class Encoder(nn.Module):
         for f, n in zip(self.features, self.convs):
             for _ in range(n):
                 h = nn.relu(Conv(f, 3, padding=1, dtype=self.dtype)(h))
-            h = nn.max_pool(h, (2, 2), strides=(2, 2))
+            h = max_pool(h, 2)
             pools.append(h)
         for k in (self.fc_kernel, 1):  # fc6, fc7
             h = nn.relu(Conv(self.fc_features, k, padding="SAME", dtype=self.dtype)(h))
@@ -225,7 +225,7 @@ class Generator(nn.Module):
 
     def _stage(self, h, features: int, *, up: bool, train: bool):
         if up:
-            h = nn.ConvTranspose(
+            h = ConvTranspose(
                 features,
                 (3, 3),
                 strides=(2, 2),
@@ -279,7 +279,7 @@ class Discriminator(nn.Module):
         h = nn.leaky_relu(InstanceNorm(dtype=self.dtype)(h), 0.2)
         for stage in range(self.n_stages):
             if stage:
-                h = nn.max_pool(h, (2, 2), strides=(2, 2))
+                h = max_pool(h, 2)
             for _ in range(self.n_blocks):
                 h = ResidualBlock(self.features, self.dropout, leaky=True, dtype=self.dtype)(
                     h, train=train

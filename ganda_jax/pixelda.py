@@ -84,7 +84,7 @@ import numpy as np
 
 from ganda_jax import classify_eval, engine, image_metrics, losses
 from ganda_jax.data import da
-from ganda_jax.layers import FAST, BatchNorm, Conv, Dtype, PatchDiscriminator
+from ganda_jax.layers import FAST, BatchNorm, Conv, Dtype, PatchDiscriminator, max_pool
 
 
 class ResidualBlockBN(nn.Module):
@@ -136,7 +136,7 @@ class Classifier(nn.Module):
         y = x.astype(self.dtype)
         for f in self.features:
             y = nn.relu(nn.Conv(f, (5, 5), padding="SAME", dtype=self.dtype, **FAST)(y))
-            y = nn.max_pool(y, (2, 2), strides=(2, 2))
+            y = max_pool(y, 2)
         y = y.reshape(y.shape[0], -1)
         for n in self.hidden:
             y = nn.relu(nn.Dense(n, dtype=self.dtype)(y))

@@ -1,21 +1,176 @@
-"""ganda_jax.conv: the CPU convolution gradients equal XLA's; other cases fall through."""
+"""ganda_jax.conv: its CPU rewrites (GEMM form, sub-pixel transposed convolutions, padding
+added and cropped, the opt-in per-tap weight gradient) compute what lax computes, values and
+gradients; other cases fall through to lax."""
 
+import re
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
-from ganda_jax import conv
+from ganda_jax import conv, layers
 
 DN = ("NHWC", "HWIO", "NHWC")
 
 
-@pytest.fixture(autouse=True)
+def _sin_loss(fn):
+    return lambda x, w: jnp.sum(jnp.sin(fn(x, w)))
+
+
+def _assert_same(fn, ref, x, w, tol=1e-5):
+    """Values and both gradients of ``fn`` (jitted) equal ``ref``'s (lax, unjitted) to float32
+    rounding: sums in another order differ by ~1e-7 of their terms' scale."""
+    close = lambda a, b, msg: np.testing.assert_allclose(  # noqa: E731
+        a, b, rtol=tol, atol=tol * float(jnp.max(jnp.abs(b))), err_msg=msg
+    )
+    y, y_ref = jax.jit(fn)(x, w), ref(x, w)
+    assert y.shape == y_ref.shape
+    close(y, y_ref, "value")
+    got = jax.jit(jax.grad(_sin_loss(fn), (0, 1)))(x, w)
+    want = jax.grad(_sin_loss(ref), (0, 1))(x, w)
+    for name, g, r in zip(("input", "weight"), got, want):
+        close(g, r, name)
+
+
+def _hlo(fn, *args) -> str:
+    return jax.jit(jax.grad(_sin_loss(fn), (0, 1))).lower(*args).as_text()
+
+
+def _conv_windows(fn, *args, field):
+    """The ``field`` ('pad' or 'lhs_dilate') numbers of every convolution ``fn`` lowers to."""
+    text = jax.jit(fn).lower(*args).as_text()
+    return [
+        [int(v) for v in re.findall(r"-?\d+", m)]
+        for m in re.findall(field + r" = (\[[\[\]\d, -]*\])", text)
+    ]
+
+
+def _random(shape_x, shape_w, seed):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal(shape_x), jnp.float32)
+    return x, jnp.asarray(rng.standard_normal(shape_w), jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "size,kernel,stride,padding",
+    [
+        (4, 4, 1, ((1, 1), (1, 1))),  # PatchGAN's C512 on a 4x4 map: output 3x3 < kernel
+        (3, 4, 1, ((1, 1), (1, 1))),  # its last conv: 2x2 output
+        (5, 4, 2, ((1, 1), (1, 1))),  # stride 2, 2x2 output
+        (5, 5, 1, "VALID"),  # GTA's F on a 5x5 map: 1x1 output
+    ],
+)
+def test_small_output_conv_is_a_gemm(size, kernel, stride, padding):
+    x, w = _random((2, size, size + 1, 3), (kernel, kernel, 3, 5), size + kernel)
+    fn = lambda x, w: conv.conv_general_dilated(  # noqa: E731
+        x, w, (stride, stride), padding, dimension_numbers=DN
+    )
+    ref = lambda x, w: lax.conv_general_dilated(  # noqa: E731
+        x, w, (stride, stride), padding, dimension_numbers=DN
+    )
+    _assert_same(fn, ref, x, w)
+    assert "convolution" not in _hlo(fn, x, w)  # the GEMM form ran, not XLA's convolution
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,padding",
+    [
+        (3, 1, "VALID"),  # CycleGAN's reflect-padded convs
+        (7, 1, ((0, 0), (0, 0))),
+        (3, 2, "VALID"),
+        (5, 3, ((0, 2), (1, 0))),  # zero on some sides only
+    ],
+)
+def test_unpadded_conv_gets_padding_and_a_crop(kernel, stride, padding):
+    x, w = _random((2, 20, 21, 3), (kernel, kernel, 3, 4), kernel * 10 + stride)
+    fn = lambda x, w: conv.conv_general_dilated(  # noqa: E731
+        x, w, (stride, stride), padding, dimension_numbers=DN
+    )
+    ref = lambda x, w: lax.conv_general_dilated(  # noqa: E731
+        x, w, (stride, stride), padding, dimension_numbers=DN
+    )
+    _assert_same(fn, ref, x, w)
+    pads = _conv_windows(fn, x, w, field="pad")
+    assert pads and all(p > 0 for pad in pads for p in pad)  # every side padded now
+
+
+@pytest.mark.parametrize(
+    "size,kernel,stride,padding",
+    [
+        (1, 2, 1, ((1, 1), (1, 1))),  # GTA's first layer (a stride-1 transposed conv)
+        (2, 4, 2, ((2, 2), (2, 2))),  # PyTorch ConvTranspose2d(4, 2, 1): DCGAN, U-Net
+        (5, 4, 2, ((2, 2), (2, 2))),
+        (7, 3, 2, "SAME"),  # CycleGAN's upsampling
+        (6, 4, 2, "SAME"),  # CC-GAN's
+        (5, 3, 2, "VALID"),
+        (4, 4, 2, "VALID"),
+        (5, 5, 3, "SAME"),
+        (6, 3, 2, ((1, 2), (2, 1))),
+        (3, 1, 2, "SAME"),  # phases that no kernel tap reaches: zeros
+    ],
+)
+def test_transposed_conv_equals_lax(size, kernel, stride, padding):
+    x, w = _random((2, size, size + 1, 3), (kernel, kernel, 3, 5), size * 7 + kernel)
+    fn = lambda x, w: conv.conv_transpose(x, w, (stride, stride), padding)  # noqa: E731
+    ref = lambda x, w: lax.conv_transpose(  # noqa: E731
+        x, w, (stride, stride), padding, dimension_numbers=DN
+    )
+    _assert_same(fn, ref, x, w)
+    if stride > 1:  # sub-pixel convolutions: no input dilation left in the program
+        assert all(d == 1 for dil in _conv_windows(fn, x, w, field="lhs_dilate") for d in dil)
+
+
+def test_rewrites_off_is_lax(monkeypatch):
+    monkeypatch.setattr(conv, "CPU_REWRITES", False)
+    x, w = _random((2, 5, 5, 3), (4, 4, 3, 5), 0)
+    fn = lambda x, w: conv.conv_transpose(x, w, (2, 2), "SAME")  # noqa: E731
+    assert _conv_windows(fn, x, w, field="lhs_dilate") == [[2, 2]]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(kernel_size=(4, 4), strides=(2, 2), padding=((2, 2), (2, 2))),
+        dict(kernel_size=(3, 3), strides=(2, 2), padding="SAME", use_bias=False),
+    ],
+)
+def test_conv_transpose_module_equals_flax(kwargs):
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 5, 5, 3)), jnp.float32)
+    ours, theirs = layers.ConvTranspose(7, **kwargs), nn.ConvTranspose(7, **kwargs)
+    params = ours.init(jax.random.PRNGKey(0), x)
+    # Same parameter names and shapes, so checkpoints of either load into the other.
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+        jnp.shape, theirs.init(jax.random.PRNGKey(0), x)
+    )
+    if "bias" in params["params"]:
+        params = {"params": {**params["params"], "bias": jnp.arange(7.0)}}
+    np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-5, atol=1e-5)
+
+
+def test_max_pool_equals_flax():
+    # Distinct values (no ties): the same maxima and the same gradient as nn.max_pool.
+    x = jnp.asarray(np.random.default_rng(4).permutation(2 * 9 * 10 * 3), jnp.float32)
+    x = x.reshape(2, 9, 10, 3) / 100.0
+    for window in (2, 3):
+        ref = lambda x: nn.max_pool(x, (window, window), strides=(window, window))  # noqa: E731
+        mine = lambda x: layers.max_pool(x, window)  # noqa: E731
+        np.testing.assert_array_equal(mine(x), ref(x))
+        np.testing.assert_array_equal(
+            jax.grad(lambda x: jnp.sum(jnp.sin(mine(x))))(x),
+            jax.grad(lambda x: jnp.sum(jnp.sin(ref(x))))(x),
+        )
+
+
+@pytest.fixture
 def cpu_gradients(monkeypatch):
     monkeypatch.setattr(conv, "CPU_GRADIENTS", True)  # opt-in (GANDA_CPU_CONV_GRADS=1)
+    monkeypatch.setattr(conv, "CPU_REWRITES", False)  # the per-tap rule alone
 
 
+@pytest.mark.usefixtures("cpu_gradients")
 @pytest.mark.parametrize(
     "kernel,stride,padding",
     [
@@ -54,6 +209,7 @@ def test_gradients_equal_xla(kernel, stride, padding):
     assert hlo.count("dot_general") >= kernel * kernel
 
 
+@pytest.mark.usefixtures("cpu_gradients")
 def test_bfloat16_weight_gradient_is_accumulated_in_float32():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((4, 16, 16, 8)), jnp.bfloat16)
@@ -74,6 +230,7 @@ def test_bfloat16_weight_gradient_is_accumulated_in_float32():
     )
 
 
+@pytest.mark.usefixtures("cpu_gradients")
 def test_dilated_grouped_and_other_layouts_fall_through_to_xla():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((1, 8, 8, 4)), jnp.float32)
