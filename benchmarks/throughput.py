@@ -4,6 +4,7 @@
   python benchmarks/throughput.py --all --json results.json        # reference settings
   python benchmarks/throughput.py --method pixelda --compare-torch  # same settings in PyTorch
   python benchmarks/throughput.py --method cyclegan --scaling       # 1, 2, 4, 8 devices, same batch
+  python benchmarks/throughput.py --method pixelda --variant runlocal --steps-per-call 8
 
 The model is the config's paper-size network (variant ``paper`` where the
 config has one), the batch is synthetic and already on the device, and the step
@@ -154,7 +155,7 @@ def peak_tflops(dtype: str, override: float | None) -> float | None:
 class Bench:
     """The jitted step of one method/setting on a mesh of ``num_devices``, ready to time."""
 
-    def __init__(self, cfg, num_devices: int | None = None):
+    def __init__(self, cfg, num_devices: int | None = None, steps_per_call: int = 1):
         self.cfg = cfg
         self.mesh = parallel.make_mesh(num_devices)
         parallel.check_batch_size(cfg.batch_size, self.mesh)
@@ -169,18 +170,28 @@ class Bench:
             out_shardings=replicated,
         )
         self.state = init(jax.random.PRNGKey(cfg.seed), self.batch)
+        step_fn = engine.make_train_step(self.method, self.tx, guard=cfg.divergence.guard)
+        self.steps_per_call = steps_per_call
+        batch = self.batch
+        if steps_per_call > 1:  # the trainer's config.steps_per_call: a scan over K batches
+            step_fn = engine.make_multi_step(step_fn)
+            data = parallel.stacked_data_sharding(self.mesh)
+            stacked = jax.tree.map(lambda x: np.stack([x] * steps_per_call), host_batch)
+            batch = self.batch = jax.device_put(stacked, data)
         step = jax.jit(
-            engine.make_train_step(self.method, self.tx, guard=cfg.divergence.guard),
+            step_fn,
             in_shardings=(replicated, data),
             out_shardings=(replicated, replicated),
             donate_argnums=(0,),
         )
         t0 = time.perf_counter()
-        self.compiled = step.lower(self.state, self.batch).compile()
+        self.compiled = step.lower(self.state, batch).compile()
         self.compile_s = time.perf_counter() - t0
         # XLA's cost analysis of an SPMD program counts one device's share: scale to the step.
         per_device = _cost(self.compiled)
         self.flops = per_device * self.mesh.devices.size if per_device else None
+        if steps_per_call > 1:  # XLA's cost analysis counts a loop's body once, not per trip
+            self.flops = None
 
     def run(self, n: int):
         metrics = None
@@ -190,12 +201,13 @@ class Bench:
         return metrics
 
     def time(self, warmup: int, steps: int, repeats: int) -> list[float]:
+        """Seconds per training step (a call runs ``steps_per_call`` of them)."""
         self.run(warmup)
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             self.run(steps)
-            times.append((time.perf_counter() - t0) / steps)
+            times.append((time.perf_counter() - t0) / (steps * self.steps_per_call))
         return times
 
 
@@ -204,8 +216,9 @@ def measure(method, image_size, batch_size, dtype, args, num_devices=None) -> di
     cfg.divergence.guard = not args.no_guard
     conv.CPU_GRADIENTS = args.cpu_conv_grads  # read when the step is traced
     conv.CPU_REWRITES = not args.xla_convs
-    bench = Bench(cfg, num_devices)
-    # The first step from the seeded init: its losses let runs on other meshes be compared.
+    bench = Bench(cfg, num_devices, args.steps_per_call)
+    # The first step from the seeded init: its losses let runs on other meshes be compared
+    # (with --steps-per-call, the sums over the first call's steps).
     first = {k: float(v) for k, v in jax.device_get(bench.run(1)).items()}
     times = bench.time(args.warmup, args.steps, args.repeats)
     med = statistics.median(times)
@@ -218,6 +231,7 @@ def measure(method, image_size, batch_size, dtype, args, num_devices=None) -> di
         batch_size=int(cfg.batch_size),
         dtype=dtype,
         guard=bool(cfg.divergence.guard),
+        steps_per_call=args.steps_per_call,
         cpu_conv_grads=conv.CPU_GRADIENTS and jax.default_backend() == "cpu",
         cpu_conv_rewrites=conv.CPU_REWRITES and jax.default_backend() == "cpu",
         devices=int(devices),
@@ -332,6 +346,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument(
+        "--steps-per-call",
+        type=int,
+        default=1,
+        help="training steps per dispatch (config.steps_per_call: lax.scan over stacked batches)",
+    )
     p.add_argument("--compare-torch", action="store_true")
     p.add_argument(
         "--cpu-conv-grads",

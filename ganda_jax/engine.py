@@ -331,6 +331,18 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, *, guard: 
     return train_step
 
 
+def make_multi_step(train_step: Callable) -> Callable:
+    """``multi_step(state, batches) -> (state, metrics)``: ``train_step`` once per entry of
+    ``batches``' leading axis, in order, as one ``lax.scan`` (one program and one dispatch
+    for several steps); ``metrics`` are summed over the steps."""
+
+    def multi_step(state: TrainState, batches: PyTree):
+        state, metrics = jax.lax.scan(train_step, state, batches)
+        return state, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
+
+    return multi_step
+
+
 def _guard_nonfinite(old: TrainState, new: TrainState, metrics: dict, phases) -> tuple:
     """Keeps ``old`` (but advances the step) if any loss, parameter or player state of
     ``new`` is non-finite; adds the ``guard/*`` flags to ``metrics``."""

@@ -59,6 +59,11 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def stacked_data_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches stacked along a new leading (steps) axis, each sharded like ``data_sharding``."""
+    return NamedSharding(mesh, P(None, DATA_AXIS))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

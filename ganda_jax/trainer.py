@@ -102,6 +102,24 @@ class Run:
             lambda rng, batch: engine.init_state(self.method, self.tx, rng, batch),
             out_shardings=self.replicated,
         )
+        self.steps_per_call = int(config.get("steps_per_call", 1))
+        if self.steps_per_call < 1:
+            raise ValueError(f"config.steps_per_call must be >= 1, got {self.steps_per_call}")
+        if self.steps_per_call > 1 and jax.default_backend() == "cpu":
+            logging.warning(
+                "config.steps_per_call=%d on CPU: XLA:CPU compiles a loop's body without its "
+                "fast convolution kernels (a PixelDA step ran 4x slower); it is for GPU/TPU",
+                self.steps_per_call,
+            )
+        # Several steps per dispatch (compiled on first use; runs that never use it pay nothing).
+        self.multi_step_fn = jax.jit(
+            engine.make_multi_step(
+                engine.make_train_step(self.method, self.tx, guard=config.divergence.guard)
+            ),
+            in_shardings=(self.replicated, parallel.stacked_data_sharding(self.mesh)),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=(0,),
+        )
 
     def _make_loader(self) -> pipeline.Loader:
         # After a divergence rollback the run continues with another data order; the
@@ -123,6 +141,27 @@ class Run:
 
     def global_batch(self, step: int):
         return pipeline.to_global(self.loader.batch(step), self.data_sharding)
+
+    def steps_this_call(self, step: int, stop_at: int) -> int:
+        """``steps_per_call``, or 1 when that would run past a step where something must
+        happen (a log, checkpoint, evaluation or sample step, or the end), so each still
+        happens at its exact step."""
+        k = self.steps_per_call
+        if k == 1:
+            return 1
+        c = self.config
+        periods = [c.log_every_steps, c.checkpoint_every_steps]
+        periods += [c.get("eval_every_steps", 0), c.get("sample_every_steps", 0)]
+        boundary = min([stop_at] + [(step // p + 1) * p for p in periods if p and p > 0])
+        return k if boundary - step >= k else 1
+
+    def run_steps(self, state: engine.TrainState, host_batches: list):
+        """Applies one step per host batch (one dispatch for all of them when several)."""
+        if len(host_batches) == 1:
+            return self.step_fn(state, pipeline.to_global(host_batches[0], self.data_sharding))
+        stacked = jax.tree.map(lambda *xs: np.stack(xs), *host_batches)
+        sharding = parallel.stacked_data_sharding(self.mesh)
+        return self.multi_step_fn(state, pipeline.to_global(stacked, sharding))
 
     def init_state(self) -> engine.TrainState:
         """A fresh state, then the method's warm start (only here: a resume never calls it)."""
@@ -446,11 +485,13 @@ def _train_run(
         try:
             t_last = time.time()
             while step < stop_at:
-                batch = next(batches)
-                state, metrics = run.step_fn(state, pipeline.to_global(batch, run.data_sharding))
-                step += 1
+                n = run.steps_this_call(step, stop_at)
+                group = [next(batches) for _ in range(n)]
+                batch = group[-1]
+                state, metrics = run.run_steps(state, group)
+                step += n
                 accum = metrics if accum is None else jax.tree.map(jnp.add, accum, metrics)
-                accum_n += 1
+                accum_n += n
                 if step % log_every == 0 or step == stop_at:
                     scalars = {k: float(v) / accum_n for k, v in jax.device_get(accum).items()}
                     problem = divergence.problem(scalars, step, accum_n)

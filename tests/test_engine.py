@@ -1,5 +1,7 @@
 """The shared engine: phase isolation, schedules, sharding equivalence, exact resume."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,3 +164,54 @@ def test_resume_is_bit_identical(tmp_path):
     assert int(resumed.step) == 4
     for field in ("params", "opt_state", "extra", "rng"):
         assert equal_trees(getattr(straight, field), getattr(resumed, field)), field
+
+
+def test_steps_this_call_stops_at_every_event_step():
+    cfg = _tiny_cyclegan(num_train_steps=20, log_every_steps=6, checkpoint_every_steps=8)
+    cfg.steps_per_call = 4
+    run = trainer.Run(cfg, mesh=parallel.make_mesh(1))
+    step, calls = 0, []
+    while step < 20:
+        n = run.steps_this_call(step, 20)
+        calls.append(n)
+        step += n
+        # Each log (6, 12, 18), checkpoint (8, 16) and the end (20) is a call's last step.
+        assert not any(step - n < e < step for e in (6, 8, 12, 16, 18, 20)), (step, n)
+    assert step == 20 and calls.count(4) >= 2
+
+
+def test_several_steps_per_call_train_like_one(tmp_path, monkeypatch):
+    """steps_per_call=2: one scanned program per two steps; the same training (logged losses)
+    as one step per call, and a resume in the middle is bit-identical to no resume.
+
+    The scanned program adds in another order than two separate steps, so the parameters
+    differ in their last bits (and Adam moves the biases that only get float noise by +-lr
+    either way): the losses are compared, the raw parameters are not.
+    """
+    mesh = parallel.make_mesh(8)
+    one = trainer.train(_tiny_cyclegan(), str(tmp_path / "one"), mesh=mesh)
+    calls = []
+    run_steps = trainer.Run.run_steps
+    monkeypatch.setattr(
+        trainer.Run,
+        "run_steps",
+        lambda self, state, batches: calls.append(len(batches)) or run_steps(self, state, batches),
+    )
+    cfg = _tiny_cyclegan(steps_per_call=2)
+    two = trainer.train(cfg, str(tmp_path / "two"), mesh=mesh)
+    assert calls == [2, 2]  # runlocal: 4 steps, logs and checkpoints every 2
+    half = trainer.train(cfg, str(tmp_path / "resumed"), max_steps=2, mesh=mesh)
+    assert int(half.step) == 2
+    resumed = trainer.train(cfg, str(tmp_path / "resumed"), mesh=mesh)
+    for field in ("params", "opt_state", "extra", "rng"):
+        assert equal_trees(getattr(two, field), getattr(resumed, field)), field
+    assert int(one.step) == int(two.step) == 4
+
+    def losses(workdir):
+        with open(tmp_path / workdir / "metrics.jsonl") as f:
+            rows = [json.loads(line) for line in f]
+        return {r["step"]: (r["loss/G"], r["loss/D"]) for r in rows if "loss/G" in r}
+
+    assert sorted(losses("two")) == sorted(losses("one")) == [2, 4]
+    for s, v in losses("one").items():
+        np.testing.assert_allclose(losses("two")[s], v, rtol=1e-3, err_msg=f"step {s}")
