@@ -84,6 +84,7 @@ def conv_general_dilated(
         and batch_group_count == 1
         and preferred_element_type is None
         and _ones(rhs_dilation)
+        and (_ones(lhs_dilation) or not isinstance(padding, str))  # lax pads dilated shapes
     )
     if not plain:
         return lax.conv_general_dilated(
@@ -102,8 +103,6 @@ def conv_general_dilated(
     strides = tuple(int(s) for s in window_strides)
     dilation = tuple(int(d) for d in (lhs_dilation or (1, 1)))
     if isinstance(padding, str):
-        if not _ones(dilation):
-            raise ValueError("string padding with lhs_dilation: pass explicit padding pairs")
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     if not _ones(dilation):
