@@ -156,6 +156,8 @@ def _conv(x, w, strides, pads, precision):
         return _conv_gemm(x, w, strides, pads, precision)
     if CPU_REWRITES and min(kh, kw) >= 3 and any(p == 0 for pair in pads for p in pair):
         return _pad_and_crop(x, w, strides, pads, precision)
+    if CPU_REWRITES and max(strides) > 1 and x.shape[-1] >= 16:  # (3-channel inputs: slower)
+        return _strided(x, w, strides, pads, precision)
     if CPU_GRADIENTS:
         return _conv_tap_grads(x, w, strides, pads, precision)
     return _forward(x, w, strides, pads, precision)
@@ -264,6 +266,39 @@ def _subpixel(x, w, dilation, pads, precision):
     out = jnp.stack(rows, axis=2)  # [n, mh, s_h, mw, s_w, c]
     out = out.reshape(n, mh * dilation[0], mw * dilation[1], cout)
     return out[:, : sizes[0], : sizes[1]]
+
+
+# --- a strided convolution's input gradient, as sub-pixel convolutions ---------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _strided(x, w, strides, pads, precision):
+    """XLA's strided convolution and weight gradient; the input gradient (which autodiff
+    makes an input-dilated convolution, off XLA:CPU's fast path: 13% of CC-GAN's step) is the
+    same transposed convolution through :func:`_subpixel` (1.5-2x faster on PatchGAN's
+    4x4 stride-2 convs)."""
+    return _forward(x, w, strides, pads, precision)
+
+
+def _strided_fwd(x, w, strides, pads, precision):
+    return _forward(x, w, strides, pads, precision), (x, w)
+
+
+def _strided_bwd(strides, pads, precision, residuals, dy):
+    x, w = residuals
+    # lax's transpose rule: dy dilated by the stride, padded k - lo - 1 in front and to the
+    # input's size behind, correlated with the flipped kernel (in and out swapped).
+    vjp_pads = []
+    for size, k, s, (lo, _), out in zip(x.shape[1:3], w.shape[:2], strides, pads, dy.shape[1:3]):
+        before = k - lo - 1
+        vjp_pads.append((before, size + k - 1 - ((out - 1) * s + 1) - before))
+    w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+    dx = _subpixel(dy, w_t, strides, tuple(vjp_pads), precision)
+    _, vjp_w = jax.vjp(lambda w: _forward(x, w, strides, pads, precision), w)
+    return dx.astype(x.dtype), vjp_w(dy)[0]
+
+
+_strided.defvjp(_strided_fwd, _strided_bwd)
 
 
 # --- the opt-in per-tap weight gradient --------------------------------------------------

@@ -100,6 +100,29 @@ def test_unpadded_conv_gets_padding_and_a_crop(kernel, stride, padding):
 @pytest.mark.parametrize(
     "size,kernel,stride,padding",
     [
+        (16, 4, 2, ((1, 1), (1, 1))),  # PatchGAN / DCGAN downsampling
+        (15, 4, 2, ((1, 1), (1, 1))),  # an input row the output never reads
+        (17, 3, 2, "SAME"),  # CycleGAN's
+        (13, 5, 3, ((2, 1), (0, 2))),
+    ],
+)
+def test_strided_conv_input_gradient_is_subpixel(size, kernel, stride, padding):
+    # 16 input channels: the rewrite is for >= 16 (3-channel input gradients were slower).
+    x, w = _random((2, size, size + 2, 16), (kernel, kernel, 16, 5), size + 3 * kernel)
+    fn = lambda x, w: conv.conv_general_dilated(  # noqa: E731
+        x, w, (stride, stride), padding, dimension_numbers=DN
+    )
+    ref = lambda x, w: lax.conv_general_dilated(  # noqa: E731
+        x, w, (stride, stride), padding, dimension_numbers=DN
+    )
+    _assert_same(fn, ref, x, w)
+    grad = jax.grad(_sin_loss(fn), (0, 1))
+    assert all(d == 1 for dil in _conv_windows(grad, x, w, field="lhs_dilate") for d in dil)
+
+
+@pytest.mark.parametrize(
+    "size,kernel,stride,padding",
+    [
         (1, 2, 1, ((1, 1), (1, 1))),  # GTA's first layer (a stride-1 transposed conv)
         (2, 4, 2, ((2, 2), (2, 2))),  # PyTorch ConvTranspose2d(4, 2, 1): DCGAN, U-Net
         (5, 4, 2, ((2, 2), (2, 2))),
