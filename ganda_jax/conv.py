@@ -3,8 +3,8 @@
 On GPU and TPU these are ``lax.conv_general_dilated`` / ``lax.conv_transpose``
 unchanged. On the CPU backend XLA hands most NHWC convolutions to fast kernels
 (YNNPACK fusions in jax 0.10), but a whole-step profile of every method
-(``benchmarks/profile_step.py``) found two shapes that fall to a generic loop
-at a few GFLOP/s and took up to half of a training step:
+(``benchmarks/profile_step.py``) found shapes that fall to a generic loop at a few
+GFLOP/s and took up to nine tenths of a training step:
 
 * a convolution whose output is smaller than its kernel (PatchGAN's 4x4 convs
   on 4x4 or 3x3 maps at 32x32 input): XLA computes its input gradient with the
@@ -15,9 +15,13 @@ at a few GFLOP/s and took up to half of a training step:
   generator): here it is the ``s*s`` sub-pixel stride-1 convolutions of the
   input with the kernel's taps of each output phase, interleaved (no
   multiplications by the dilation's zeros, ``s*s`` times fewer FLOPs), each
-  through the rule above.
+  through these rules;
+* a strided convolution's input gradient, which autodiff makes an input-dilated
+  convolution: the same sub-pixel path, in a custom VJP (inputs of >= 16 channels);
+* a convolution with an unpadded side: padded there by ``stride`` and cropped
+  (:func:`_pad_and_crop`).
 
-Both rewrites compute the same sums as XLA (tests check values and gradients
+These rewrites compute the same sums as XLA (tests check values and gradients
 against ``lax``). Optionally (``GANDA_CPU_CONV_GRADS=1``), the weight gradient of
 other convolutions is one GEMM per kernel tap: that was 4x faster than XLA's on
 an earlier CPU (AVX2, jax's Eigen path) and is slower than XLA's YNNPACK path on
