@@ -24,8 +24,8 @@ GFLOP/s and took up to nine tenths of a training step:
 These rewrites compute the same sums as XLA (tests check values and gradients
 against ``lax``). Optionally (``GANDA_CPU_CONV_GRADS=1``), the weight gradient of
 other convolutions is one GEMM per kernel tap: that was 4x faster than XLA's on
-an earlier CPU (AVX2, jax's Eigen path) and is slower than XLA's YNNPACK path on
-an AVX-512 one, so it stays opt-in (``benchmarks/RESULTS.md``).
+the CPU of earlier sessions and is slower than XLA's YNNPACK path on an AVX-512
+Zen 4, so it stays opt-in (``benchmarks/RESULTS.md``).
 
 Layouts other than NHWC/HWIO, dilated kernels and grouped convolutions fall
 through to ``lax``. :func:`conv_general_dilated` has ``lax.conv_general_dilated``'s
