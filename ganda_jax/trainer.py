@@ -92,8 +92,9 @@ class Run:
         self.replicated = parallel.replicated(self.mesh)
         self.rollbacks = 0  # divergence rollbacks so far; each one changes the data order
         self.loader = self._make_loader()
+        train_step = engine.make_train_step(self.method, self.tx, guard=config.divergence.guard)
         self.step_fn = jax.jit(
-            engine.make_train_step(self.method, self.tx, guard=config.divergence.guard),
+            train_step,
             in_shardings=(self.replicated, self.data_sharding),
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=(0,),
@@ -113,9 +114,7 @@ class Run:
             )
         # Several steps per dispatch (compiled on first use; runs that never use it pay nothing).
         self.multi_step_fn = jax.jit(
-            engine.make_multi_step(
-                engine.make_train_step(self.method, self.tx, guard=config.divergence.guard)
-            ),
+            engine.make_multi_step(train_step),
             in_shardings=(self.replicated, parallel.stacked_data_sharding(self.mesh)),
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=(0,),
