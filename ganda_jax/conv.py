@@ -188,6 +188,11 @@ def _forward(x, w, strides, pads, precision):
     )
 
 
+def _forward_saving_inputs(x, w, strides, pads, precision):
+    """The forward rule of both custom VJPs below: XLA's convolution, residuals ``(x, w)``."""
+    return _forward(x, w, strides, pads, precision), (x, w)
+
+
 def _taps(x, kh, kw, strides, pads, out_hw):
     """The ``kh * kw`` shifted, strided views of the padded input, one per kernel tap."""
     (sh, sw), ((pt, pb), (pl, pr)) = strides, pads
@@ -284,10 +289,6 @@ def _strided(x, w, strides, pads, precision):
     return _forward(x, w, strides, pads, precision)
 
 
-def _strided_fwd(x, w, strides, pads, precision):
-    return _forward(x, w, strides, pads, precision), (x, w)
-
-
 def _strided_bwd(strides, pads, precision, residuals, dy):
     x, w = residuals
     # lax's transpose rule: dy dilated by the stride, padded k - lo - 1 in front and to the
@@ -302,7 +303,7 @@ def _strided_bwd(strides, pads, precision, residuals, dy):
     return dx.astype(x.dtype), vjp_w(dy)[0]
 
 
-_strided.defvjp(_strided_fwd, _strided_bwd)
+_strided.defvjp(_forward_saving_inputs, _strided_bwd)
 
 
 # --- the opt-in per-tap weight gradient --------------------------------------------------
@@ -313,10 +314,6 @@ def _conv_tap_grads(x, w, strides, pads, precision):
     return _forward(x, w, strides, pads, precision)
 
 
-def _conv_fwd(x, w, strides, pads, precision):
-    return _forward(x, w, strides, pads, precision), (x, w)
-
-
 def _conv_bwd(strides, pads, precision, residuals, dy):
     x, w = residuals
     return _input_grad(dy, w, x.shape, strides, pads, precision), _weight_grad(
@@ -324,7 +321,7 @@ def _conv_bwd(strides, pads, precision, residuals, dy):
     )
 
 
-_conv_tap_grads.defvjp(_conv_fwd, _conv_bwd)
+_conv_tap_grads.defvjp(_forward_saving_inputs, _conv_bwd)
 
 
 def _weight_grad(x, dy, w_shape, strides, pads, precision):
