@@ -3,6 +3,7 @@
   python benchmarks/profile_step.py --method pixelda                 # reference settings
   python benchmarks/profile_step.py --method cyclegan --image-size 128 --batch-size 4 --top 20
   python benchmarks/profile_step.py --method gta --xla-convs         # without ganda_jax.conv
+  python benchmarks/profile_step.py --method ccgan --ynn-convs       # YNNPACK's convolutions
 
 Builds the same jitted step as ``throughput.py`` (``Bench``), runs it once to warm up,
 then once under ``jax.profiler`` and reads the trace back (the Perfetto JSON the profiler
@@ -11,7 +12,9 @@ writes; no TensorBoard needed). It prints the step time, the op time summed by c
 slowest ops with their shape, window and the model code that made them (the HLO
 ``op_name``). On CPU, ops that run on the two cores at once add up to more than the
 step's wall time. This is how the slow convolutions fixed in ``ganda_jax/conv.py``
-were found.
+were found. XLA's own (Eigen) convolutions, which training programs use on CPU
+(``conv.compiler_options``), are mostly missing from the trace (PixelDA: 1.0 s of op time
+in a 4.1 s profiled step); ``--ynn-convs`` profiles with YNNPACK's, which it sees.
 """
 
 from __future__ import annotations
@@ -76,6 +79,12 @@ def main(argv=None) -> int:
     p.add_argument("--variant", default=None)
     p.add_argument("--top", type=int, default=15, help="how many of the slowest ops to list")
     p.add_argument("--xla-convs", action="store_true", help="without ganda_jax.conv's rewrites")
+    p.add_argument(
+        "--ynn-convs",
+        action="store_true",
+        help="XLA's default YNNPACK convolutions (the profiler sees them; XLA's Eigen ones, "
+        "the default here, are mostly missing from the trace)",
+    )
     p.add_argument("--json", default=None, help="write the per-op times (ms) to this file")
     args = p.parse_args(argv)
 
@@ -84,6 +93,7 @@ def main(argv=None) -> int:
         args.method, args.image_size or size, args.batch_size or batch, args.dtype, args.variant
     )
     conv.CPU_REWRITES = not args.xla_convs
+    conv.CPU_YNN_CONVS = args.ynn_convs
     bench = throughput.Bench(cfg)
     hlo = bench.compiled.as_text()
     bench.run(1)  # warm up

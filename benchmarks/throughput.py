@@ -183,6 +183,7 @@ class Bench:
             in_shardings=(replicated, data),
             out_shardings=(replicated, replicated),
             donate_argnums=(0,),
+            compiler_options=conv.compiler_options(),
         )
         t0 = time.perf_counter()
         self.compiled = step.lower(self.state, batch).compile()
@@ -216,6 +217,7 @@ def measure(method, image_size, batch_size, dtype, args, num_devices=None) -> di
     cfg.divergence.guard = not args.no_guard
     conv.CPU_GRADIENTS = args.cpu_conv_grads  # read when the step is traced
     conv.CPU_REWRITES = not args.xla_convs
+    conv.CPU_YNN_CONVS = args.ynn_convs  # read when the step is compiled
     bench = Bench(cfg, num_devices, args.steps_per_call)
     # The first step from the seeded init: its losses let runs on other meshes be compared
     # (with --steps-per-call, the sums over the first call's steps).
@@ -234,6 +236,7 @@ def measure(method, image_size, batch_size, dtype, args, num_devices=None) -> di
         steps_per_call=args.steps_per_call,
         cpu_conv_grads=conv.CPU_GRADIENTS and jax.default_backend() == "cpu",
         cpu_conv_rewrites=conv.CPU_REWRITES and jax.default_backend() == "cpu",
+        compiler_options=conv.compiler_options(),
         devices=int(devices),
         device_kind=jax.devices()[0].device_kind,
         compile_s=bench.compile_s,
@@ -363,6 +366,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="on CPU, XLA's own convolutions without ganda_jax.conv's rewrites "
         "(GANDA_CPU_CONV_REWRITES=0)",
+    )
+    p.add_argument(
+        "--ynn-convs",
+        action="store_true",
+        help="on CPU, XLA's default YNNPACK convolution kernels (GANDA_CPU_YNN_CONVS=1) "
+        "instead of its Eigen ones",
     )
     p.add_argument(
         "--no-guard",

@@ -27,6 +27,10 @@ other convolutions is one GEMM per kernel tap: that was 4x faster than XLA's on
 the CPU of earlier sessions and is slower than XLA's YNNPACK path on an AVX-512
 Zen 4, so it stays opt-in (``benchmarks/RESULTS.md``).
 
+Separately, :func:`compiler_options` (passed to ``jax.jit`` by the trainer and the
+benchmarks) has XLA:CPU run convolutions on its own Eigen kernels rather than YNNPACK's,
+whose gradient convolutions were about half as fast on this project's CPU.
+
 Layouts other than NHWC/HWIO, dilated kernels and grouped convolutions fall
 through to ``lax``. :func:`conv_general_dilated` has ``lax.conv_general_dilated``'s
 signature, so it plugs into ``flax.linen.Conv(..., conv_general_dilated=...)``;
@@ -49,9 +53,46 @@ CPU_GRADIENTS = os.environ.get("GANDA_CPU_CONV_GRADS", "0") == "1"
 # convolutions, which is how benchmarks/throughput.py --xla-convs measures their effect).
 CPU_REWRITES = os.environ.get("GANDA_CPU_CONV_REWRITES", "1") == "1"
 
+# XLA:CPU gives every standalone convolution to YNNPACK by default (jax 0.10); on this
+# project's 2-core Zen 4 its gradient convolutions ran at about half the rate of XLA's own
+# (Eigen) convolutions: one 3x3 64->64 conv, forward and both gradients, 175 -> 104 ms
+# (benchmarks/conv_backward.py), whole steps 1.0-1.4x faster (benchmarks/RESULTS.md).
+# So training programs compile with YNNPACK for dots and reductions only
+# (:func:`compiler_options`); ``GANDA_CPU_YNN_CONVS=1`` (or True here) keeps XLA's default.
+CPU_YNN_CONVS = os.environ.get("GANDA_CPU_YNN_CONVS", "0") == "1"
+_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+_YNN_WITHOUT_CONVS = ",".join(
+    "LIBRARY_FUSION_TYPE_" + t for t in ("DOT", "INDIVIDUAL_DOT", "REDUCE")
+)  # XLA's default list (jax 0.10) less INDIVIDUAL_CONVOLUTION
+
 _NHWC = lax.ConvDimensionNumbers(
     lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2)
 )
+
+
+def compiler_options() -> dict[str, str]:
+    """``jax.jit(..., compiler_options=...)`` for a training program: on CPU, XLA's
+    convolutions instead of YNNPACK's (see ``CPU_YNN_CONVS``); elsewhere nothing. Nothing
+    either when the user's ``XLA_FLAGS`` choose YNN fusions themselves, or when this jaxlib
+    does not know the option."""
+    if (
+        jax.default_backend() != "cpu"
+        or CPU_YNN_CONVS
+        or _YNN_OPTION in os.environ.get("XLA_FLAGS", "")
+        or not _knows_ynn_option()
+    ):
+        return {}
+    return {_YNN_OPTION: _YNN_WITHOUT_CONVS}
+
+
+@functools.cache
+def _knows_ynn_option() -> bool:
+    try:
+        options = {_YNN_OPTION: _YNN_WITHOUT_CONVS}
+        jax.jit(lambda x: x + 1, compiler_options=options).lower(jnp.zeros(())).compile()
+    except Exception:  # another jaxlib: its own defaults, no error for the user
+        return False
+    return True
 
 
 def _is_nhwc(dimension_numbers, ndim) -> bool:

@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from ganda_jax import checkpointing, engine, parallel, writers
+from ganda_jax import checkpointing, conv, engine, parallel, writers
 from ganda_jax.data import pipeline
 
 # config.method -> "module:Class"
@@ -98,6 +98,7 @@ class Run:
             in_shardings=(self.replicated, self.data_sharding),
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=(0,),
+            compiler_options=conv.compiler_options(),
         )
         self._init_fn = jax.jit(
             lambda rng, batch: engine.init_state(self.method, self.tx, rng, batch),
@@ -118,6 +119,7 @@ class Run:
             in_shardings=(self.replicated, parallel.stacked_data_sharding(self.mesh)),
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=(0,),
+            compiler_options=conv.compiler_options(),
         )
 
     def _make_loader(self) -> pipeline.Loader:

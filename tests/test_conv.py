@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_config
 from jax import lax
 
-from ganda_jax import conv, layers
+from ganda_jax import conv, layers, parallel, trainer
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -277,3 +278,44 @@ def test_dilated_grouped_and_other_layouts_fall_through_to_xla():
         .as_text()
     )
     assert "dot_general" not in hlo  # XLA's own transpose (a convolution), not the custom rule
+
+
+def _convolutions_in_ynn_fusions(compiled_text: str) -> tuple[int, int]:
+    """(convolutions inside YNNPACK fusions, all convolutions) of a compiled CPU program."""
+    comps = dict(re.findall(r"\n%(\S+) \([^\n]*\{\n(.*?)\n\}", compiled_text, re.S))
+    ynn = re.findall(r"calls=%([^,\s]+)[^\n]*__ynn_fusion", compiled_text)
+    return sum(comps[c].count(" convolution(") for c in ynn), compiled_text.count(" convolution(")
+
+
+def test_training_programs_compile_with_xla_convolutions_on_cpu(monkeypatch):
+    # 32 channels: large enough that XLA's default gives all three convolutions of a
+    # training step (forward, both gradients) to YNNPACK.
+    x, w = _random((2, 16, 16, 32), (3, 3, 32, 32), 9)
+    plain = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
+    grads = jax.grad(_sin_loss(plain), (0, 1))
+    default = jax.jit(grads).lower(x, w).compile()
+    ours = jax.jit(grads, compiler_options=conv.compiler_options()).lower(x, w).compile()
+    assert _convolutions_in_ynn_fusions(default.as_text()) == (3, 3)
+    assert _convolutions_in_ynn_fusions(ours.as_text()) == (0, 3)
+    for got, want in zip(ours(x, w), default(x, w)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+    # Opt-outs: the switch, and XLA_FLAGS that choose YNN fusions themselves.
+    monkeypatch.setattr(conv, "CPU_YNN_CONVS", True)
+    assert conv.compiler_options() == {}
+    monkeypatch.setattr(conv, "CPU_YNN_CONVS", False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=-reduce")
+    assert conv.compiler_options() == {}
+
+
+def test_trainer_compiles_its_step_with_these_options(monkeypatch):
+    """Run's train step is compiled with conv.compiler_options(): an option XLA rejects
+    makes its first call fail, so the options reach XLA."""
+    cfg = load_config("cyclegan", "runlocal")
+    cfg.batch_size = 2
+    monkeypatch.setattr(
+        conv, "compiler_options", lambda: {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_TYPE"}
+    )
+    run = trainer.Run(cfg, mesh=parallel.make_mesh(1))
+    state = run.init_state()
+    with pytest.raises(Exception, match="NOT_A_TYPE"):
+        run.step_fn(state, run.global_batch(0))
