@@ -56,9 +56,11 @@ CPU_REWRITES = os.environ.get("GANDA_CPU_CONV_REWRITES", "1") == "1"
 # XLA:CPU gives every standalone convolution to YNNPACK by default (jax 0.10); on this
 # project's 2-core Zen 4 its gradient convolutions ran at about half the rate of XLA's own
 # (Eigen) convolutions: one 3x3 64->64 conv, forward and both gradients, 175 -> 104 ms
-# (benchmarks/conv_backward.py), whole steps 1.0-1.4x faster (benchmarks/RESULTS.md).
-# So training programs compile with YNNPACK for dots and reductions only
-# (:func:`compiler_options`); ``GANDA_CPU_YNN_CONVS=1`` (or True here) keeps XLA's default.
+# (benchmarks/conv_backward.py); whole steps 1.1-1.4x faster at six of the eight reference
+# settings, DiscoGAN even, CycleGAN at 256 px batch 1 0.83x (Eigen is slower on batch-1
+# maps; benchmarks/RESULTS.md). XLA takes the choice per program, so training programs
+# compile with YNNPACK for dots and reductions only (:func:`compiler_options`);
+# ``GANDA_CPU_YNN_CONVS=1`` (or True here before compiling) keeps XLA's default.
 CPU_YNN_CONVS = os.environ.get("GANDA_CPU_YNN_CONVS", "0") == "1"
 _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 _YNN_WITHOUT_CONVS = ",".join(
