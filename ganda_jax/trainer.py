@@ -200,15 +200,7 @@ class Run:
         sizes, other players) is a one-line error naming both configs' differences."""
         self.set_rollbacks(meta.get("rollbacks", 0))
         abstract = self.abstract_state()
-        # Compare shapes first: Orbax would fail deep in its async reader, leaving noise.
-        misfit = _shape_mismatches(os.path.join(ckpt.directory, str(step), "state"), abstract)
-        if misfit:
-            diff = config_differences(meta.get("config", {}), self.config)
-            raise ValueError(
-                f"workdir checkpoint {ckpt.directory}/{step} ({meta.get('method')}) does not fit "
-                f"this {self.method.name} config: {misfit}; config differences "
-                f"(checkpoint vs now): {diff or 'none found'}; use another --workdir"
-            )
+        _check_fits(ckpt, step, meta, abstract, self.config, self.method.name, "workdir checkpoint")
         state, meta = ckpt.restore(abstract, step)
         self.loader.check_state(meta["data"])
         return state, meta
@@ -218,24 +210,36 @@ def _path(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
+def _check_fits(ckpt, step: int, meta: dict, abstract, config, method: str, what: str) -> None:
+    """Raises a one-line ``ValueError`` if checkpoint ``step`` does not have ``abstract``'s
+    shapes (other network sizes, other players), naming the config differences. Checked
+    before restoring: Orbax would fail deep in its async reader, leaving noise."""
+    misfit = _shape_mismatches(os.path.join(ckpt.directory, str(step), "state"), abstract)
+    if misfit:
+        diff = config_differences(meta.get("config", {}), config)
+        raise ValueError(
+            f"{what} {ckpt.directory}/{step} ({meta.get('method')}) does not fit this "
+            f"{method} config: {misfit}; config differences (checkpoint vs now): "
+            f"{diff or 'none found'}; use another --workdir"
+        )
+
+
 def _shape_mismatches(directory: str, abstract: engine.TrainState, limit: int = 3) -> str:
     """``''`` if the stored arrays have ``abstract``'s shapes, else the first differences
     (parameters, statistics and buffers; the optimizer state follows the parameters)."""
     stored = ocp.StandardCheckpointer().metadata(directory).item_metadata
     theirs = {_path(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(stored)}
-    problems = []
-    for field in ("params", "model_state", "extra"):
-        for p, x in jax.tree_util.tree_leaves_with_path(getattr(abstract, field)):
-            key = f"{field}/{_path(p)}"
-            if key not in theirs:
-                problems.append(f"{key} is not in the checkpoint")
-            elif theirs[key] != tuple(x.shape):
-                problems.append(f"{key}: checkpoint {theirs[key]} vs now {tuple(x.shape)}")
     mine = {
-        f"{f}/{_path(p)}"
-        for f in ("params", "model_state", "extra")
-        for p, _ in jax.tree_util.tree_leaves_with_path(getattr(abstract, f))
+        f"{field}/{_path(p)}": tuple(x.shape)
+        for field in ("params", "model_state", "extra")
+        for p, x in jax.tree_util.tree_leaves_with_path(getattr(abstract, field))
     }
+    problems = []
+    for key, shape in mine.items():
+        if key not in theirs:
+            problems.append(f"{key} is not in the checkpoint")
+        elif theirs[key] != shape:
+            problems.append(f"{key}: checkpoint {theirs[key]} vs now {shape}")
     extra = sorted(k for k in theirs if k.split("/")[0] in ("params", "extra") and k not in mine)
     problems += [f"{k} is only in the checkpoint" for k in extra]
     more = f"; and {len(problems) - limit} more" if len(problems) > limit else ""
@@ -299,7 +303,9 @@ def restore_latest(config: ml_collections.ConfigDict, workdir: str, sharding) ->
                 step,
                 config.num_train_steps,
             )
-        state, _ = ckpt.restore(abstract_state(method, engine.make_optimizer(method), sharding))
+        abstract = abstract_state(method, engine.make_optimizer(method), sharding)
+        _check_fits(ckpt, step, meta, abstract, config, method.name, "warm start:")
+        state, _ = ckpt.restore(abstract, step)
         logging.info("Warm start: loaded %s at step %d.", directory, step)
         return state
     finally:

@@ -196,6 +196,12 @@ def test_a_workdir_of_another_run_is_refused_naming_both_and_left_untouched(tmp_
     assert "does not fit this cyclegan config: params/G_AB/" in msg, msg
     assert "model.ngf: 4 vs 8" in msg, msg
     assert "\n" not in msg
+    # A warm start from that workdir (what CyCADA's later stages do) is checked the same way.
+    with pytest.raises(ValueError) as err:
+        trainer.restore_latest(wider, workdir, parallel.replicated(parallel.make_mesh(1)))
+    msg = str(err.value)
+    assert msg.startswith("warm start: ") and "model.ngf: 4 vs 8" in msg, msg
+    assert "does not fit this cyclegan config: params/G_AB/" in msg and "\n" not in msg, msg
 
     other = load_config("discogan", "runlocal")
     with pytest.raises(ValueError, match="from method 'cyclegan', not 'discogan'"):
