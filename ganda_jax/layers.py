@@ -66,7 +66,7 @@ class BatchNorm(nn.Module):
     """BatchNorm with the standard eps=1e-5 (not the 0.8 of some references).
 
     Under ``jax.jit`` on a batch sharded over the mesh the statistics are global
-    (XLA inserts the cross-device reduction).
+    (XLA inserts the cross-device reduction). Statistics and normalisation in float32.
     """
 
     momentum: float = 0.9
@@ -75,14 +75,38 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        y = nn.BatchNorm(
-            use_running_average=not train,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            dtype=jnp.float32,
-            scale_init=scale_init,
-        )(x.astype(jnp.float32))
+        # The inner module keeps flax's parameter and statistics names and nesting.
+        y = _BatchNormCore(self.momentum, self.epsilon, name="BatchNorm_0")(
+            x.astype(jnp.float32), train=train
+        )
         return y.astype(self.dtype)
+
+
+class _BatchNormCore(nn.Module):
+    """``flax.linen.BatchNorm``'s arithmetic (fast variance ``E[x^2] - E[x]^2`` clipped at 0,
+    ``y = (x - mean) * rsqrt(var + eps) * scale + bias``, running averages with
+    ``momentum``), written out: with flax's module, XLA could not merge two identical
+    forward passes of a network in one program (one without and one under autodiff), which
+    PixelDA's D and G/T phases are."""
+
+    momentum: float
+    epsilon: float
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        c, axes = x.shape[-1], tuple(range(x.ndim - 1))
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        if train:
+            mean = jnp.mean(x, axes)
+            var = jnp.maximum(0.0, jnp.mean(jnp.square(x), axes) - jnp.square(mean))
+            if not self.is_initializing():
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        mul = jax.lax.rsqrt(var + self.epsilon) * self.param("scale", scale_init, (c,))
+        return (x - mean) * mul + self.param("bias", nn.initializers.zeros, (c,))
 
 
 def max_pool(x: jax.Array, window: int) -> jax.Array:

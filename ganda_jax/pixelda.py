@@ -17,7 +17,11 @@ parameters the phases before it produced):
 
    L_D = w_d [BCE(D(x_t), 1) + BCE(D(G(x_s, z)), 0)]         (``loss.gan='nsgan'``)
 
-2. **G/T phase** (updates ``G`` and ``T`` together; D frozen at its new value).
+2. **G/T phase** (updates ``G`` and ``T`` together; D frozen at its new value), on
+   the same ``x_s`` and ``z`` as the D phase, so G's forward pass is the one that made D's
+   fakes and XLA computes it once (one z per iteration, as in the PyTorch-GAN reference,
+   whose D step reuses G's fakes; the authors' code, running its two steps as separate
+   graph runs, draws two).
    The non-saturating generator loss, as in the authors' code, and the task loss
    on *logits* (log-softmax inside the cross-entropy, never a softmax before it):
 
@@ -223,6 +227,8 @@ class PixelDA(engine.Method):
 
     def discriminator_loss(self, params, inp: engine.PhaseInputs):
         cfg, b = self.config.loss, inp.batch
+        # One z per iteration, reused by the G/T phase: with G unchanged by this phase, D's
+        # fakes and G/T's forward pass are one computation, which XLA does once.
         z = self.noise(inp.rng, b["source"].shape[0])
         # G's statistics are updated by the G/T phase only (once per step).
         fake, _ = self.generate(params, inp.model_state, b["source"], z, train=True)
@@ -236,12 +242,12 @@ class PixelDA(engine.Method):
             "D/real_logit": jnp.mean(real_logits),
             "D/fake_logit": jnp.mean(fake_logits),
         }
-        return cfg.discriminator_weight * loss_d, {"metrics": metrics}
+        return cfg.discriminator_weight * loss_d, {"metrics": metrics, "carry": {"z": z}}
 
     def generator_task_loss(self, params, inp: engine.PhaseInputs):
         cfg, b = self.config.loss, inp.batch
         x_s, y_s = b["source"], b["label"]
-        z = self.noise(inp.rng, x_s.shape[0])
+        z = inp.carry["z"]  # the D phase's
         fake, g_state = self.generate(params, inp.model_state, x_s, z, train=True)
         style = losses.gan_generator_loss(
             fake_logits=self.discriminate(params, fake), loss_type=cfg.gan

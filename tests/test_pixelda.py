@@ -42,14 +42,69 @@ def history(run):
 
 
 def _inputs(run, state, step=2):
+    batch = run.method.prepare(run.global_batch(step))
+    rng = jax.random.PRNGKey(7)
     return engine.PhaseInputs(
-        batch=run.method.prepare(run.global_batch(step)),
-        rng=jax.random.PRNGKey(7),
+        batch=batch,
+        rng=rng,
         step=state.step,
         model_state=state.model_state,
         extra=state.extra,
-        carry={},
+        carry={"z": run.method.noise(rng, len(batch["label"]))},  # the D phase's z
     )
+
+
+def test_batchnorm_is_flaxs_and_lets_xla_merge_gs_two_forward_passes():
+    """layers.BatchNorm computes what flax's BatchNorm computes (values, running statistics,
+    eval mode, same variable tree); and written out, it lets XLA compute G's forward pass
+    once when a step has it twice, once plain (the D phase's fakes) and once under autodiff
+    (the G/T phase), as PixelDA's step does with one z (flax's module kept both)."""
+    import flax.linen as nn
+
+    from ganda_jax import layers
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((6, 5, 4, 3)) * 2 + 1, jnp.float32)
+    flax_bn = nn.BatchNorm(momentum=0.9, epsilon=1e-5, scale_init=layers.scale_init)
+    variables = layers.BatchNorm().init(jax.random.PRNGKey(0), x, train=True)
+    inner = variables["params"]["BatchNorm_0"]
+    ours = {
+        "params": {"BatchNorm_0": {"scale": inner["scale"] + 0.1, "bias": inner["bias"] - 0.2}},
+        "batch_stats": {"BatchNorm_0": {"mean": jnp.full(3, 0.3), "var": jnp.full(3, 2.0)}},
+    }
+    theirs = {k: v["BatchNorm_0"] for k, v in ours.items()}  # flax's, without our wrapper
+    y, new = layers.BatchNorm().apply(ours, x, train=True, mutable=["batch_stats"])
+    y_ref, new_ref = flax_bn.apply(theirs, x, use_running_average=False, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    for k in ("mean", "var"):
+        np.testing.assert_allclose(
+            new["batch_stats"]["BatchNorm_0"][k], new_ref["batch_stats"][k], rtol=1e-6
+        )
+    np.testing.assert_allclose(
+        layers.BatchNorm().apply(ours, x, train=False),
+        flax_bn.apply(theirs, x, use_running_average=True),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+    g = pixelda.Generator(features=8, n_blocks=2)
+    xs, z = x[:, :4, :4], jnp.asarray(rng.uniform(-1, 1, (6, 10)), jnp.float32)
+    gv = g.init(jax.random.PRNGKey(1), xs, z, train=False)
+
+    def forward(params):
+        out, _ = g.apply({**gv, "params": params}, xs, z, train=True, mutable=["batch_stats"])
+        return out
+
+    def both(params):  # D's fakes, then G's loss and gradient on the same forward pass
+        fakes = jax.lax.stop_gradient(forward(params))
+        loss, grads = jax.value_and_grad(lambda p: jnp.sum(jnp.sin(forward(p))))(params)
+        return jnp.sum(fakes) + loss, grads
+
+    def one(params):  # the same gradient work without the plain pass
+        return jax.value_and_grad(lambda p: jnp.sum(jnp.sin(forward(p))))(params)
+
+    count = lambda f: jax.jit(f).lower(gv["params"]).compile().as_text().count(" convolution(")  # noqa: E731
+    assert count(both) == count(one)
 
 
 def test_network_shapes():
@@ -93,7 +148,7 @@ def test_task_loss_takes_logits_and_total_is_the_weighted_sum(run, history):
     m = aux["metrics"]
 
     x_s, y_s = np.asarray(inp.batch["source"]), np.asarray(inp.batch["label"])
-    z = method.noise(inp.rng, len(y_s))
+    z = inp.carry["z"]
     fake = method.generate(params, state.model_state, x_s, z, train=True)[0]
 
     def hand_ce(logits):
