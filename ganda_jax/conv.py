@@ -192,16 +192,16 @@ def _out_size(size: int, k: int, s: int, lo: int, hi: int) -> int:
     return (size + lo + hi - k) // s + 1
 
 
-def _conv(x, w, strides, pads, precision):
+def _conv(x, w, strides, pads, precision, crop=True):
     """A plain strided convolution on CPU: GEMM form when the output is smaller than the
     kernel (XLA's input gradient would leave the fast path), else XLA's (or the opt-in
-    per-tap weight gradient)."""
+    per-tap weight gradient). ``crop=False``: no :func:`_pad_and_crop` (its backward)."""
     kh, kw = w.shape[:2]
     ho = _out_size(x.shape[1], kh, strides[0], *pads[0])
     wo = _out_size(x.shape[2], kw, strides[1], *pads[1])
     if CPU_REWRITES and (ho < kh or wo < kw):
         return _conv_gemm(x, w, strides, pads, precision)
-    if CPU_REWRITES and min(kh, kw) >= 3 and any(p == 0 for pair in pads for p in pair):
+    if CPU_REWRITES and crop and min(kh, kw) >= 3 and any(p == 0 for pair in pads for p in pair):
         return _pad_and_crop(x, w, strides, pads, precision)
     if CPU_REWRITES and max(strides) > 1 and x.shape[-1] >= 16:  # (3-channel inputs: slower)
         return _strided(x, w, strides, pads, precision)
@@ -210,19 +210,37 @@ def _conv(x, w, strides, pads, precision):
     return _forward(x, w, strides, pads, precision)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _pad_and_crop(x, w, strides, pads, precision):
     """A side with no zero padding gets ``stride`` rows of it, and the one extra output row
     this makes there is cropped: the same sums. XLA:CPU's YNNPACK convolution without
     padding ran 2-20x slower than the same convolution with it (CycleGAN's reflect-padded
-    7x7 64->3 output conv: 273 -> 13 ms forward on 2 cores; with both gradients 373 -> 105
-    ms). Only for kernels of 3 taps or more: for 2x2 and 1xN kernels (the sub-pixel
-    convolutions) the padded form's weight gradient left the fast path (93 -> 906 ms)."""
+    7x7 64->3 output conv: 273 -> 13 ms forward on 2 cores). Only the forward: the gradients
+    are those of the unpadded convolution, which were faster with either kernel set (the
+    padded form's weight gradient convolves with a zero-padded dY: CycleGAN's residual conv
+    at 256 px, forward and both gradients, 111 -> 74 ms with XLA's Eigen kernels, its 7x7
+    64->3 conv 346 -> 122 ms; ``benchmarks/RESULTS.md``). Only for kernels of 3 taps or
+    more: for 2x2 and 1xN kernels (the sub-pixel convolutions) the padded form's weight
+    gradient left the fast path (93 -> 906 ms)."""
     grown = tuple(
         (lo or s, hi or s) for (lo, hi), s in zip(pads, strides)
     )  # a zero side grows by s
     y = _conv(x, w, strides, grown, precision)
     (t, b), (left, right) = [(int(lo == 0), int(hi == 0)) for lo, hi in pads]
     return y[:, t : y.shape[1] - b, left : y.shape[2] - right]
+
+
+def _pad_and_crop_fwd(x, w, strides, pads, precision):
+    return _pad_and_crop(x, w, strides, pads, precision), (x, w)
+
+
+def _pad_and_crop_bwd(strides, pads, precision, residuals, dy):
+    x, w = residuals
+    _, vjp = jax.vjp(lambda x, w: _conv(x, w, strides, pads, precision, crop=False), x, w)
+    return vjp(dy)
+
+
+_pad_and_crop.defvjp(_pad_and_crop_fwd, _pad_and_crop_bwd)
 
 
 def _forward(x, w, strides, pads, precision):
