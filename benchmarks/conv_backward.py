@@ -9,7 +9,8 @@ gradient with respect to the input, and the gradient with respect to the weights
 shifted-slice GEMMs (im2col by hand, checked against XLA's), and reports GFLOP/s counting
 2 * N * H * W * Cin * Cout * 9 FLOPs per pass. With torch installed, the same
 forward and forward + backward in PyTorch (``--threads`` threads) for a ratio in
-the same run. Prints a table; ``--json PATH`` writes the rows.
+the same run. Compiled with the training steps' options (``conv.compiler_options()``;
+``--ynn-convs`` for XLA's defaults). Prints a table; ``--json PATH`` writes the rows.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ conv.CPU_GRADIENTS = True  # the rows below compare it with XLA's
 DN = ("NHWC", "HWIO", "NHWC")
 
 
+def _jit(fn):
+    """``jax.jit`` with the training steps' compiler options (``conv.compiler_options()``:
+    XLA's own convolutions on CPU; ``--ynn-convs`` for XLA's default YNNPACK ones)."""
+    return jax.jit(fn, compiler_options=conv.compiler_options())
+
+
 def _time(fn, repeats: int) -> float:
     fn()  # compile / warm up
     times = []
@@ -50,10 +57,10 @@ def jax_rows(n, size, c, repeats):
         y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
         return jnp.sum(y * y)
 
-    fwd = jax.jit(loss)
-    gx = jax.jit(jax.grad(loss, argnums=1))
-    gw = jax.jit(jax.grad(loss, argnums=0))
-    both = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    fwd = _jit(loss)
+    gx = _jit(jax.grad(loss, argnums=1))
+    gw = _jit(jax.grad(loss, argnums=0))
+    both = _jit(jax.grad(loss, argnums=(0, 1)))
 
     def im2col_weight_grad(w, x):
         """The weight gradient as nine shifted slices of x, one GEMM each (a candidate for a
@@ -72,16 +79,16 @@ def jax_rows(n, size, c, repeats):
         y = conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
         return jnp.sum(y * y)
 
-    ganda_gx = jax.jit(jax.grad(loss_ganda, argnums=1))
-    ganda_gw = jax.jit(jax.grad(loss_ganda, argnums=0))
-    ganda_both = jax.jit(jax.grad(loss_ganda, argnums=(0, 1)))
+    ganda_gx = _jit(jax.grad(loss_ganda, argnums=1))
+    ganda_gw = _jit(jax.grad(loss_ganda, argnums=0))
+    ganda_both = _jit(jax.grad(loss_ganda, argnums=(0, 1)))
     for name, mine, xla in (("input", ganda_gx, gx), ("weight", ganda_gw, gw)):
         ref, got = xla(w, x), mine(w, x)
         err = float(jnp.max(jnp.abs(ref - got)) / jnp.max(jnp.abs(ref)))
         if err > 1e-4:
             raise AssertionError(f"ganda_jax.conv {name} gradient differs from XLA's: {err:.2g}")
 
-    im2col = jax.jit(im2col_weight_grad)
+    im2col = _jit(im2col_weight_grad)
     ref, got = gw(w, x), im2col(w, x)
     err = float(jnp.max(jnp.abs(ref - got)) / jnp.max(jnp.abs(ref)))
     if err > 1e-4:
@@ -133,14 +140,17 @@ def main(argv=None) -> int:
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--ynn-convs", action="store_true", help="XLA:CPU's default YNNPACK kernels")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    conv.CPU_YNN_CONVS = a.ynn_convs
     flop = 2 * a.batch * a.size * a.size * a.channels * a.channels * 9
     rows = jax_rows(a.batch, a.size, a.channels, a.repeats)
     rows += torch_rows(a.batch, a.size, a.channels, a.repeats, a.threads)
     print(
         f"conv 3x3, NHWC {a.batch}x{a.size}x{a.size}x{a.channels} -> {a.channels}, "
-        f"{flop / 1e9:.2f} GFLOP per pass, backend {jax.default_backend()}"
+        f"{flop / 1e9:.2f} GFLOP per pass, backend {jax.default_backend()}, compiler options "
+        f"{conv.compiler_options() or 'XLA defaults'}"
     )
     print("| framework | what | ms | GFLOP/s |")
     print("|---|---|---|---|")
@@ -151,7 +161,12 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(
-                {"jax": jax.__version__, "backend": jax.default_backend(), "rows": rows},
+                {
+                    "jax": jax.__version__,
+                    "backend": jax.default_backend(),
+                    "compiler_options": conv.compiler_options(),
+                    "rows": rows,
+                },
                 f,
                 indent=2,
             )

@@ -18,8 +18,8 @@ GFLOP/s and took up to nine tenths of a training step:
   through these rules;
 * a strided convolution's input gradient, which autodiff makes an input-dilated
   convolution: the same sub-pixel path, in a custom VJP (inputs of >= 16 channels);
-* a convolution with an unpadded side: padded there by ``stride`` and cropped
-  (:func:`_pad_and_crop`).
+* a convolution with an unpadded side (YNNPACK's forward without padding was slow):
+  padded there by ``stride`` and cropped, in the forward only (:func:`_pad_and_crop`).
 
 These rewrites compute the same sums as XLA (tests check values and gradients
 against ``lax``). Optionally (``GANDA_CPU_CONV_GRADS=1``), the weight gradient of

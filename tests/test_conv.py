@@ -326,3 +326,33 @@ def test_trainer_compiles_its_step_with_these_options(monkeypatch):
     state = run.init_state()
     with pytest.raises(Exception, match="NOT_A_TYPE"):
         run.step_fn(state, run.global_batch(0))
+
+
+def test_conv_layers_benchmark_finds_every_distinct_layer(monkeypatch):
+    """benchmarks/conv_layers.py finds a network's convolutions as it calls them: CycleGAN's
+    generator (reflect-padded 7x7 in and out, two strided convs, one residual conv shape,
+    two transposed convs) and PatchGAN's five, each once, with the padding XLA sees."""
+    import os
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import conv_layers
+
+    cfg = load_config("cyclegan", "runlocal")
+    size, ngf = cfg.image_size, cfg.model.ngf
+    found = conv_layers.find_layers(cfg)
+    gen = [f for f in found if f["name"].startswith("ResnetGenerator")]
+    disc = [f for f in found if f["name"].startswith("PatchDiscriminator")]
+    assert len(found) == len(gen) + len(disc) and len(disc) == cfg.model.n_layers_D + 2
+    first, last = gen[0], gen[-1]
+    assert first["shape"] == (size + 6, size + 6, 3) and first["kernel"] == (7, 7)
+    assert first["padding"] == ((0, 0), (0, 0)) and first["features"] == ngf
+    assert last["shape"] == (size + 6, size + 6, ngf) and last["features"] == 3
+    assert [f["kind"] for f in gen].count("transpose") == 2
+    residual = [f for f in gen if "ResnetBlock" in f["name"]]
+    assert len(residual) == 1 and residual[0]["shape"][-1] == 4 * ngf  # all blocks alike
+    # a transposed layer timed both ways: the programs run and agree on the output size
+    up = next(f for f in gen if f["kind"] == "transpose")
+    out_lax, t_lax = conv_layers.jax_time(up, 2, "lax", 1, {})
+    out_ganda, t_ganda = conv_layers.jax_time(up, 2, "ganda", 1, {})
+    assert out_lax == out_ganda == (2 * up["shape"][0], 2 * up["shape"][1])
+    assert min(t_lax.values()) > 0 and min(t_ganda.values()) > 0
