@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import sys
-import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ganda_jax import conv
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from conv_layers import median_seconds  # noqa: E402
+
+from ganda_jax import conv  # noqa: E402
 
 conv.CPU_GRADIENTS = True  # the rows below compare it with XLA's
 
@@ -36,16 +38,6 @@ def _jit(fn):
     """``jax.jit`` with the training steps' compiler options (``conv.compiler_options()``:
     XLA's own convolutions on CPU; ``--ynn-convs`` for XLA's default YNNPACK ones)."""
     return jax.jit(fn, compiler_options=conv.compiler_options())
-
-
-def _time(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def jax_rows(n, size, c, repeats):
@@ -104,7 +96,7 @@ def jax_rows(n, size, c, repeats):
         ("forward + weight grad (ganda_jax.conv)", ganda_gw, 2),
         ("forward + both grads (ganda_jax.conv)", ganda_both, 3),
     ):
-        t = _time(lambda fn=fn: jax.block_until_ready(fn(w, x)), repeats)
+        t = median_seconds(lambda fn=fn: jax.block_until_ready(fn(w, x)), repeats)
         rows.append(dict(framework="jax", what=name, passes=passes, seconds=t))
     return rows
 
@@ -126,9 +118,12 @@ def torch_rows(n, size, c, repeats, threads):
         torch.nn.functional.conv2d(x, w, padding=1).square().sum().backward()
 
     return [
-        dict(framework="torch", what="forward", passes=1, seconds=_time(fwd, repeats)),
+        dict(framework="torch", what="forward", passes=1, seconds=median_seconds(fwd, repeats)),
         dict(
-            framework="torch", what="forward + both grads", passes=3, seconds=_time(both, repeats)
+            framework="torch",
+            what="forward + both grads",
+            passes=3,
+            seconds=median_seconds(both, repeats),
         ),
     ]
 

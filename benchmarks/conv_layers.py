@@ -102,7 +102,8 @@ def _apply(layer, impl):
     return lambda x, w: fn(x, w, s, pads, dimension_numbers=DN)
 
 
-def _time(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after one call to compile and warm up."""
     fn()  # compile / warm up
     times = []
     for _ in range(repeats):
@@ -137,8 +138,10 @@ def jax_time(layer, batch, impl, repeats, options):
     both = jax.jit(both, compiler_options=options)
     fwd = jax.jit(f, compiler_options=options)
     return out.shape[1:3], {
-        "forward": _time(lambda: jax.block_until_ready(fwd(x, w)), repeats),
-        "forward + both grads": _time(lambda: jax.block_until_ready(both(x, w, dy)), repeats),
+        "forward": median_seconds(lambda: jax.block_until_ready(fwd(x, w)), repeats),
+        "forward + both grads": median_seconds(
+            lambda: jax.block_until_ready(both(x, w, dy)), repeats
+        ),
     }
 
 
@@ -183,7 +186,10 @@ def torch_time(layer, batch, repeats, threads):
     def both():
         f().backward(dy)
 
-    return {"forward": _time(fwd, repeats), "forward + both grads": _time(both, repeats)}
+    return {
+        "forward": median_seconds(fwd, repeats),
+        "forward + both grads": median_seconds(both, repeats),
+    }
 
 
 def main(argv=None) -> int:
