@@ -162,7 +162,7 @@ def torch_time(layer, batch, repeats, threads):
         w = torch.randn(cin, cout, kh, kw, requires_grad=True)
         pad = (kh - 1 - min(pt, pb), kw - 1 - min(pl, pr))
         out_pad = (abs(pb - pt), abs(pr - pl))
-        if min(pad) < 0 or min(out_pad) < 0 or out_pad[0] >= s[0] or out_pad[1] >= s[1]:
+        if min(pad) < 0 or out_pad[0] >= s[0] or out_pad[1] >= s[1]:
             return None
 
         def f():
