@@ -128,7 +128,11 @@ class CycleGAN(translation_eval.TranslationEvalMixin, engine.Method):
         G = lambda name, x: self.G.apply({"params": params[name]}, x).astype(jnp.float32)  # noqa: E731
         D = lambda name, x: self.D.apply({"params": params[name]}, x)  # noqa: E731
 
-        fake_b, fake_a = G("G_AB", a), G("G_BA", b)
+        idt = cfg.lambda_identity > 0
+        # G_AB(a) and G_AB(b) (identity) as one batch, likewise G_BA: instance norm is per
+        # sample, so these are the paper's sums, in fewer and larger convolutions.
+        fake_b, idt_b = _split(G("G_AB", jnp.concatenate([a, b]) if idt else a), len(a))
+        fake_a, idt_a = _split(G("G_BA", jnp.concatenate([b, a]) if idt else b), len(b))
         rec_a, rec_b = G("G_BA", fake_b), G("G_AB", fake_a)
         adv_ab = losses.gan_generator_loss(fake_logits=D("D_B", fake_b), loss_type=cfg.gan)
         adv_ba = losses.gan_generator_loss(fake_logits=D("D_A", fake_a), loss_type=cfg.gan)
@@ -141,9 +145,9 @@ class CycleGAN(translation_eval.TranslationEvalMixin, engine.Method):
             "G/cycle_A": cyc_a,
             "G/cycle_B": cyc_b,
         }
-        if cfg.lambda_identity > 0:
-            idt_b = losses.identity_loss(real=b, same=G("G_AB", b), distance=cfg.cycle_distance)
-            idt_a = losses.identity_loss(real=a, same=G("G_BA", a), distance=cfg.cycle_distance)
+        if idt:
+            idt_b = losses.identity_loss(real=b, same=idt_b, distance=cfg.cycle_distance)
+            idt_a = losses.identity_loss(real=a, same=idt_a, distance=cfg.cycle_distance)
             loss += cfg.lambda_identity * (cfg.lambda_B * idt_b + cfg.lambda_A * idt_a)
             metrics.update({"G/identity_A": idt_a, "G/identity_B": idt_b})
         return loss, {"metrics": metrics, "carry": {"fake_A": fake_a, "fake_B": fake_b}}
@@ -165,12 +169,18 @@ class CycleGAN(translation_eval.TranslationEvalMixin, engine.Method):
             rng=k_b,
             pool_size=cfg.pool_size,
         )
-        D = lambda name, x: self.D.apply({"params": params[name]}, x)  # noqa: E731
+
+        def D(name, real, fake):  # real and fake as one batch (per-sample norm: the same sums)
+            logits = self.D.apply({"params": params[name]}, jnp.concatenate([real, fake]))
+            return _split(logits, len(real))
+
+        real_a, fake_a = D("D_A", inp.batch["A"], fake_a)
+        real_b, fake_b = D("D_B", inp.batch["B"], fake_b)
         loss_a = losses.gan_discriminator_loss(
-            real_logits=D("D_A", inp.batch["A"]), fake_logits=D("D_A", fake_a), loss_type=cfg.gan
+            real_logits=real_a, fake_logits=fake_a, loss_type=cfg.gan
         )
         loss_b = losses.gan_discriminator_loss(
-            real_logits=D("D_B", inp.batch["B"]), fake_logits=D("D_B", fake_b), loss_type=cfg.gan
+            real_logits=real_b, fake_logits=fake_b, loss_type=cfg.gan
         )
         extra = {
             "pool_A": pool_a,
@@ -179,3 +189,8 @@ class CycleGAN(translation_eval.TranslationEvalMixin, engine.Method):
             "pool_count_B": count_b,
         }
         return loss_a + loss_b, {"metrics": {"D/A": loss_a, "D/B": loss_b}, "extra": extra}
+
+
+def _split(x, n):
+    """``x[:n], x[n:]`` (the second empty when ``x`` has only ``n`` rows)."""
+    return x[:n], x[n:]

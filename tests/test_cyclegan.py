@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, load_config
 from PIL import Image
 
-from ganda_jax import cyclegan, parallel, trainer
+from ganda_jax import cyclegan, engine, parallel, trainer
 from ganda_jax.layers import PatchDiscriminator, ResnetGenerator
 
 
@@ -81,6 +81,57 @@ def test_image_pool_matches_reference_semantics():
     # pool_size 0 disables the pool.
     out, _, _ = query(pool=pool, count=count, images=new, rng=jax.random.PRNGKey(0), pool_size=0)
     np.testing.assert_array_equal(out, new)
+
+
+@pytest.mark.parametrize("lambda_identity", [0.5, 0.0])
+def test_losses_equal_the_paper_formula_with_each_network_applied_alone(lambda_identity):
+    # The step batches same-network applications (G_AB on a and b, D_A on real and fake);
+    # instance norm is per sample, so every term must equal one network call per input.
+    cfg = load_config("cyclegan", "runlocal")
+    cfg.loss.lambda_identity = lambda_identity
+    method = cyclegan.CycleGAN(cfg)
+    r = np.random.default_rng(0)
+    raw = {d: {"image": r.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)} for d in "AB"}
+    batch = method.prepare(raw)
+    params, model_state, extra = method.init(jax.random.PRNGKey(0), batch)
+    inp = engine.PhaseInputs(
+        batch, jax.random.PRNGKey(1), jnp.zeros((), jnp.int32), model_state, extra, {}
+    )
+    a, b = np.asarray(batch["A"], np.float64), np.asarray(batch["B"], np.float64)
+    G = lambda name, x: np.asarray(method.G.apply({"params": params[name]}, x), np.float64)
+    D = lambda name, x: np.asarray(method.D.apply({"params": params[name]}, x), np.float64)
+    fake_b, fake_a = G("G_AB", batch["A"]), G("G_BA", batch["B"])
+    rec_a, rec_b = G("G_BA", fake_b.astype(np.float32)), G("G_AB", fake_a.astype(np.float32))
+    l1 = lambda x, y: np.abs(x - y).mean()
+    terms = {  # LSGAN for G: mean((D(G(x)) - 1)^2); cycle and identity: L1
+        "G/adv_AtoB": ((D("D_B", fake_b.astype(np.float32)) - 1) ** 2).mean(),
+        "G/adv_BtoA": ((D("D_A", fake_a.astype(np.float32)) - 1) ** 2).mean(),
+        "G/cycle_A": l1(rec_a, a),
+        "G/cycle_B": l1(rec_b, b),
+    }
+    expected = (
+        terms["G/adv_AtoB"] + terms["G/adv_BtoA"] + 10 * (terms["G/cycle_A"] + terms["G/cycle_B"])
+    )
+    if lambda_identity:
+        terms["G/identity_A"] = l1(G("G_BA", batch["A"]), a)
+        terms["G/identity_B"] = l1(G("G_AB", batch["B"]), b)
+        expected += lambda_identity * 10 * (terms["G/identity_A"] + terms["G/identity_B"])
+    loss, aux = method.generator_loss(params, inp)
+    assert set(aux["metrics"]) == set(terms)
+    for k, v in terms.items():
+        np.testing.assert_allclose(float(aux["metrics"][k]), v, rtol=1e-5, err_msg=k)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    np.testing.assert_allclose(aux["carry"]["fake_B"], fake_b, atol=1e-5)
+    np.testing.assert_allclose(aux["carry"]["fake_A"], fake_a, atol=1e-5)
+
+    # D phase (pool of 4 still filling: it returns the carried fakes themselves).
+    carry = {"fake_A": aux["carry"]["fake_A"] + 0.1, "fake_B": aux["carry"]["fake_B"] - 0.1}
+    _, d_aux = method.discriminator_loss(params, inp._replace(carry=carry))
+    lsgan_d = lambda real, fake: 0.5 * (((real - 1) ** 2).mean() + (fake**2).mean())
+    d_a = lsgan_d(D("D_A", batch["A"]), D("D_A", carry["fake_A"]))
+    d_b = lsgan_d(D("D_B", batch["B"]), D("D_B", carry["fake_B"]))
+    np.testing.assert_allclose(float(d_aux["metrics"]["D/A"]), d_a, rtol=1e-5)
+    np.testing.assert_allclose(float(d_aux["metrics"]["D/B"]), d_b, rtol=1e-5)
 
 
 def test_training_reduces_cycle_loss():
