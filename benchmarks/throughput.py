@@ -215,6 +215,7 @@ class Bench:
 def measure(method, image_size, batch_size, dtype, args, num_devices=None) -> dict:
     cfg = build_config(method, image_size, batch_size, dtype, args.variant)
     cfg.divergence.guard = not args.no_guard
+    cfg.train_baselines = not args.no_baselines
     conv.CPU_GRADIENTS = args.cpu_conv_grads  # read when the step is traced
     conv.CPU_REWRITES = not args.xla_convs
     conv.CPU_YNN_CONVS = args.ynn_convs  # read when the step is compiled
@@ -233,6 +234,7 @@ def measure(method, image_size, batch_size, dtype, args, num_devices=None) -> di
         batch_size=int(cfg.batch_size),
         dtype=dtype,
         guard=bool(cfg.divergence.guard),
+        train_baselines=bool(cfg.train_baselines),
         steps_per_call=args.steps_per_call,
         cpu_conv_grads=conv.CPU_GRADIENTS and jax.default_backend() == "cpu",
         cpu_conv_rewrites=conv.CPU_REWRITES and jax.default_backend() == "cpu",
@@ -377,6 +379,12 @@ def main(argv=None) -> int:
         "--no-guard",
         action="store_true",
         help="time the step without the NaN/inf guard (config.divergence.guard=False)",
+    )
+    p.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="without the comparison baselines some methods train in every step "
+        "(config.train_baselines=False; the PyTorch references train none)",
     )
     p.add_argument(
         "--torch-ref",

@@ -284,6 +284,8 @@ class CCGAN(engine.Method):
     name = "ccgan"
     # D_sup trains with D's optimizer block: a fair baseline whatever a config override changes.
     players = {"G": "G", "D": "D", "D_sup": "D"}
+    baseline_phases = ("D_sup",)
+    baseline_metrics = ("eval/supervised_only_", "eval/ssl_gain")
 
     def __init__(self, config):
         super().__init__(config)

@@ -25,6 +25,10 @@ def base(method: str) -> ml_collections.ConfigDict:
     # runs a loop body off its fast conv kernels). Logs, checkpoints and evaluations still
     # happen at their exact steps.
     c.steps_per_call = 1
+    # Methods with a comparison baseline (PixelDA, CyCADA's feature stage, GTA, CC-GAN: a
+    # source-only / supervised-only network trained in the same step, for eval's *_gain
+    # metrics) train it unless this is False, which saves its share of every step.
+    c.train_baselines = True
     c.log_every_steps = 50
     c.eval_every_steps = 0  # 0: only at the end
     c.sample_every_steps = 0  # 0: only at the end

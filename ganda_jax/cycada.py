@@ -242,6 +242,13 @@ class CyCADA(engine.Method):
             raise ValueError(f"unknown task {config.task!r}; expected one of {TASKS}")
         self.stage = config.stage
         self.players = PLAYERS[self.stage]
+        if self.stage == "feature":  # (f_S's eval/source_only_* of the other stages stay)
+            self.baseline_phases = ("T_pix", "T_src")
+            self.baseline_metrics = (
+                "eval/pixel_only_",
+                "eval/source_only_",
+                "eval/adaptation_gain",
+            )
         self.segment = config.task == "segment"
         self.data = seg if self.segment else da
         m = config.model

@@ -91,6 +91,12 @@ class Method:
     # Phases whose loss is a discriminator's: a value near zero for long means D wins
     # outright (mode-collapse hint, see config.divergence).
     discriminator_phases: tuple[str, ...] = ("D",)
+    # Phases that train a comparison baseline next to the method (a source-only classifier,
+    # ...), and the eval metrics (name prefixes) that report it. ``config.train_baselines =
+    # False`` skips those phases (their players keep their initial weights, the other phases
+    # keep their RNG keys, so the method trains exactly as with them) and drops those metrics.
+    baseline_phases: tuple[str, ...] = ()
+    baseline_metrics: tuple[str, ...] = ()
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -207,9 +213,11 @@ def player_labels(params: dict[str, Params]) -> dict[str, Any]:
 
 
 def learning_rates(method: Method, step: int) -> dict[str, float]:
-    """Current learning rate of each optimizer block (for logging)."""
+    """Current learning rate of each optimizer block that trains (for logging)."""
     cfg = method.config
-    groups = sorted(set(method.players.values()))
+    trained = {p for _, ph in training_phases(method) for p in ph.players}
+    idle = {p for ph in method.phases() for p in ph.players} - trained  # untrained baselines
+    groups = sorted({g for p, g in method.players.items() if p not in idle})
     return {
         f"lr/{g}": float(make_schedule(cfg.optimizer[g], cfg.num_train_steps)(step)) for g in groups
     }
@@ -273,6 +281,24 @@ def all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def training_phases(method: Method) -> list[tuple[int, Phase]]:
+    """``(index, phase)`` of the phases a step runs: all of ``method.phases()``, less its
+    ``baseline_phases`` when ``config.train_baselines`` is False. The index (which keys the
+    phase's RNG) is the phase's place in the full list either way."""
+    phases = list(enumerate(method.phases()))
+    if method.config.get("train_baselines", True):
+        return phases
+    return [(i, ph) for i, ph in phases if ph.name not in method.baseline_phases]
+
+
+def without_baseline_metrics(method: Method, metrics: dict) -> dict:
+    """``metrics`` less the baselines' when they are not trained (their players would report
+    their untrained initial weights)."""
+    if method.config.get("train_baselines", True) or not method.baseline_metrics:
+        return metrics
+    return {k: v for k, v in metrics.items() if not k.startswith(method.baseline_metrics)}
+
+
 def make_train_step(method: Method, tx: optax.GradientTransformation, *, guard: bool = True):
     """Builds ``train_step(state, batch) -> (state, metrics)`` running every phase in order.
 
@@ -283,8 +309,8 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, *, guard: 
     wrong (``guard/skipped``, ``guard/loss/<phase>``, ``guard/params/<player>``:
     1.0 where non-finite) for the trainer to act on.
     """
-    phases = tuple(method.phases())
-    for ph in phases:
+    phases = training_phases(method)
+    for _, ph in phases:
         unknown = set(ph.players) - set(method.players)
         if unknown:
             raise ValueError(f"phase {ph.name!r} updates unknown players {sorted(unknown)}")
@@ -296,7 +322,7 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, *, guard: 
         model_state, extra = state.model_state, state.extra
         carry: dict[str, Any] = {}
         metrics: dict[str, jax.Array] = {}
-        for i, phase in enumerate(phases):
+        for i, phase in phases:
             inputs = PhaseInputs(
                 batch=batch,
                 rng=jax.random.fold_in(step_rng, i),
@@ -325,7 +351,9 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, *, guard: 
             extra=extra,
         )
         if guard:
-            new_state, metrics = _guard_nonfinite(state, new_state, metrics, phases)
+            new_state, metrics = _guard_nonfinite(
+                state, new_state, metrics, [ph for _, ph in phases]
+            )
         return new_state, metrics
 
     return train_step

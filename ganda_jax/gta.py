@@ -207,6 +207,8 @@ class GTA(engine.Method):
         "F_src": "F",
         "C_src": "C",
     }
+    baseline_phases = ("src_only",)
+    baseline_metrics = ("eval/source_only_", "eval/adaptation_gain")
 
     def __init__(self, config):
         super().__init__(config)

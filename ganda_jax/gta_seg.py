@@ -301,6 +301,8 @@ class GTASeg(engine.Method):
         "F_src": "F",
         "C_src": "F",
     }
+    baseline_phases = ("src",)
+    baseline_metrics = ("eval/source_only_", "eval/adaptation_gain")
 
     def __init__(self, config):
         super().__init__(config)

@@ -150,6 +150,8 @@ class Classifier(nn.Module):
 class PixelDA(engine.Method):
     name = "pixelda"
     players = {"G": "G", "D": "D", "T": "T", "T_src": "T_src"}
+    baseline_phases = ("T_src",)
+    baseline_metrics = ("eval/source_only_", "eval/adaptation_gain")
 
     def __init__(self, config):
         super().__init__(config)

@@ -475,7 +475,7 @@ def _train_run(
     accum, accum_n, batch = None, 0, None
 
     def evaluate_and_sample(step):
-        scalars = run.method.evaluate(state, run.mesh)
+        scalars = engine.without_baseline_metrics(run.method, run.method.evaluate(state, run.mesh))
         if scalars:
             writer.write_scalars(step, scalars)
             logging.info(

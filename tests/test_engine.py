@@ -215,3 +215,63 @@ def test_several_steps_per_call_train_like_one(tmp_path, monkeypatch):
     assert sorted(losses("two")) == sorted(losses("one")) == [2, 4]
     for s, v in losses("one").items():
         np.testing.assert_allclose(losses("two")[s], v, rtol=1e-3, err_msg=f"step {s}")
+
+
+def test_without_baselines_the_method_trains_alike_and_the_baseline_stays_at_init():
+    """config.train_baselines=False skips PixelDA's source-only phase: G, D and T train as
+    with it (the other phases keep their RNG keys), T_src keeps its initial weights and
+    optimizer state, and its eval metrics are dropped."""
+    runs = {}
+    for train_baselines in (True, False):
+        cfg = load_config("pixelda", "runlocal")
+        cfg.train_baselines = train_baselines
+        run = trainer.Run(cfg, mesh=parallel.make_mesh(1))
+        state = run.init_state()
+        init = jax.device_get((state.params, state.opt_state))
+        for s in range(2):
+            state, metrics = run.step_fn(state, run.global_batch(s))
+        runs[train_baselines] = (run, init, jax.device_get(state), metrics)
+    (_, init_on, on, m_on), (run_off, init_off, off, m_off) = runs[True], runs[False]
+    assert equal_trees(init_on, init_off)
+    assert "loss/T_src" in m_on and "loss/T_src" not in m_off
+    assert {
+        k for k in m_on if not k.startswith(("loss/T_src", "T_src/", "guard/loss/T_src"))
+    } == set(m_off)
+    for p in ("G", "D", "T"):
+        assert equal_trees(on.params[p], off.params[p]), p
+        assert equal_trees(on.opt_state.inner_states[p], off.opt_state.inner_states[p]), p
+    assert equal_trees(off.params["T_src"], init_off[0]["T_src"])
+    assert equal_trees(off.opt_state.inner_states["T_src"], init_off[1].inner_states["T_src"])
+    assert not equal_trees(on.params["T_src"], init_on[0]["T_src"])  # it does train, when on
+
+    scores = {
+        "eval/target_accuracy": 0.9,
+        "eval/source_only_accuracy": 0.5,
+        "eval/adaptation_gain": 0.4,
+    }
+    assert engine.without_baseline_metrics(run_off.method, scores) == {"eval/target_accuracy": 0.9}
+    assert engine.without_baseline_metrics(runs[True][0].method, scores) == scores
+
+
+@pytest.mark.parametrize("name", ["pixelda", "cycada", "gta", "gta_seg", "ccgan"])
+def test_baseline_phases_are_phases_of_the_method(name):
+    cfg = load_config(name, "runlocal")
+    if name == "cycada":
+        cfg.stage = "feature"
+    method = trainer.get_method(cfg)
+    names = [ph.name for ph in method.phases()]
+    assert method.baseline_phases and set(method.baseline_phases) <= set(names), names
+    baseline_players = {
+        p for ph in method.phases() if ph.name in method.baseline_phases for p in ph.players
+    }
+    assert baseline_players and baseline_players < set(method.players)
+
+
+def test_train_without_baselines_reports_no_baseline_metrics(tmp_path):
+    cfg = load_config("pixelda", "runlocal")
+    cfg.train_baselines, cfg.num_train_steps = False, 2
+    trainer.train(cfg, str(tmp_path), mesh=parallel.make_mesh(1))
+    with open(tmp_path / "metrics.jsonl") as f:
+        keys = set().union(*(json.loads(line) for line in f))
+    assert {"eval/target_accuracy", "loss/GT", "loss/D"} <= keys, keys
+    assert not [k for k in keys if "source_only" in k or "T_src" in k or "gain" in k], keys
