@@ -21,15 +21,16 @@ encoder, G also minimises the L2 error inside the hole.
 
 One iteration (every phase sees the parameters the phases before it produced):
 
-1. **D phase** (updates ``D``). In-fill the unlabelled batch with the current
-   G (new holes), then, with ``w_dadv = loss.d_adv_weight`` and
+1. **D phase** (updates ``D``). Draw this iteration's holes and in-fill the
+   unlabelled batch with the current G, then, with ``w_dadv = loss.d_adv_weight`` and
    ``w_c = loss.class_weight``,
 
    L_D = w_dadv [BCE(D(x_u), 1) + BCE(D(x_I), 0)] + w_c CE(D_c(x_l), y_l)
 
    on D's *logits* (the class head's logits go straight into the cross-entropy).
-2. **G phase** (updates ``G``; D frozen at its new value). Fresh holes, then
-   the non-saturating generator loss and the masked L2 reconstruction loss
+2. **G phase** (updates ``G``; D frozen at its new value). The same holes, so
+   the same in-filling (G has not changed; one generated batch per iteration, as
+   in the references, and XLA computes G's forward pass once), then the non-saturating generator loss and the masked L2 reconstruction loss
    (``losses.masked_l2``: mean squared error over the hole's pixels only):
 
    L_G = w_adv BCE(D(x_I), 1) + w_rec |m * (G(...) - x_u)|^2 / |m|
@@ -380,10 +381,9 @@ class CCGAN(engine.Method):
         k_hole, k_drop = jax.random.split(inp.rng)
         x_u, x_l = b["unlabeled"], b["labeled"]
         n = x_u.shape[0]
+        corners = self.holes(k_hole, n)  # this iteration's holes, the G phase's too
         # G's statistics are updated by the G phase only (once per step).
-        filled, _, _, _ = self.inpaint(
-            params, inp.model_state["G"], x_u, self.holes(k_hole, n), train=True
-        )
+        filled, _, _, _ = self.inpaint(params, inp.model_state["G"], x_u, corners, train=True)
         filled = jax.lax.stop_gradient(filled)
         # D's layers are per-example (no batch norm), so one pass over the three batches
         # computes exactly what three passes would.
@@ -402,14 +402,16 @@ class CCGAN(engine.Method):
             "D/real_logit": jnp.mean(real_adv),
             "D/fake_logit": jnp.mean(fake_adv),
         }
-        return cfg.d_adv_weight * loss_adv + cfg.class_weight * ce, {"metrics": metrics}
+        loss = cfg.d_adv_weight * loss_adv + cfg.class_weight * ce
+        return loss, {"metrics": metrics, "carry": {"corners": corners}}
 
     def generator_loss(self, params, inp: engine.PhaseInputs):
         cfg, x_u = self.config.loss, inp.batch["unlabeled"]
-        k_hole, k_drop = jax.random.split(inp.rng)
-        corners = self.holes(k_hole, x_u.shape[0])
+        _, k_drop = jax.random.split(inp.rng)
+        # The D phase's holes: with G unchanged by that phase, its in-filling and this forward
+        # pass are one computation, which XLA does once.
         filled, out, mask, g_state = self.inpaint(
-            params, inp.model_state["G"], x_u, corners, train=True
+            params, inp.model_state["G"], x_u, inp.carry["corners"], train=True
         )
         fake_adv, _ = self.discriminate(params, filled, train=True, rng=k_drop)
         adv = losses.gan_generator_loss(fake_logits=fake_adv, loss_type=cfg.gan)

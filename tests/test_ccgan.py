@@ -169,8 +169,8 @@ def test_losses_match_a_hand_computation(run, history):
     @jax.jit
     def compute(params, inp):
         loss_d, aux_d = method.discriminator_loss(params, inp)
-        loss_g, aux_g = method.generator_loss(params, inp)
-        # The holes and in-fillings both phases make from this rng (D deterministic: no dropout).
+        # The G phase in-fills the D phase's holes (carried), drawn from the D phase's rng.
+        loss_g, aux_g = method.generator_loss(params, inp._replace(carry=aux_d["carry"]))
         corners = method.holes(jax.random.split(inp.rng)[0], x_u.shape[0])
         filled, out, mask, _ = method.inpaint(
             params, inp.model_state["G"], inp.batch["unlabeled"], corners, train=True
@@ -181,6 +181,7 @@ def test_losses_match_a_hand_computation(run, history):
             "loss_g": loss_g,
             "m_g": aux_g["metrics"],
             "corners": corners,
+            "carried_corners": aux_d["carry"]["corners"],
             "filled": filled,
             "out": out,
             "mask": mask,
@@ -190,6 +191,7 @@ def test_losses_match_a_hand_computation(run, history):
         }
 
     r = jax.device_get(compute(params, inp))
+    np.testing.assert_array_equal(r["carried_corners"], r["corners"])
     bce = _softplus(-r["real_adv"]).mean() + _softplus(r["fake_adv"]).mean()
     ce = _hand_ce(r["class_logits"], y)
     assert ce > 3.3
@@ -265,8 +267,10 @@ def test_each_phase_updates_only_its_players(run, history):
         out = []
         for phase in method.phases():
             grads, aux = jax.grad(
-                lambda t, phase=phase: phase.loss_fn({**params, **t}, inputs), has_aux=True
+                lambda t, phase=phase, inputs=inputs: phase.loss_fn({**params, **t}, inputs),
+                has_aux=True,
             )({p: params[p] for p in phase.players})
+            inputs = inputs._replace(carry={**inputs.carry, **aux.get("carry", {})})  # D's holes
             out.append(
                 (aux, *engine.apply_phase_update(tx, params, opt_state, grads, phase.players))
             )
