@@ -9,7 +9,7 @@ Default: the embedded textured digits (32x32, ``data.domain='target'``), 10
 labels per class (100 labelled images) plus 10k unlabelled ones, 16x16 holes,
 the low-resolution input of CC-GAN^2 (the full image pooled to 8x8), a
 CPU-sized context encoder (ngf=16) and discriminator (16-32-64), batch 32, 1500
-steps; about 5-10 minutes on two CPU cores. The baseline ``D_sup`` (same
+steps; about 1-3 minutes on two CPU cores. The baseline ``D_sup`` (same
 network, same init, labelled data only) is trained in the same run.
 
 G's adversarial weight is 0.1: at 1 it fools this small D with in-fillings worse
