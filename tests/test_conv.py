@@ -111,12 +111,13 @@ def test_unpadded_conv_gets_padding_and_a_crop(kernel, stride, padding):
         (16, 4, 2, ((1, 1), (1, 1))),  # PatchGAN / DCGAN downsampling
         (15, 4, 2, ((1, 1), (1, 1))),  # an input row the output never reads
         (17, 3, 2, "SAME"),  # CycleGAN's
-        (13, 5, 3, ((2, 1), (0, 2))),
+        (19, 5, 3, ((2, 1), (0, 2))),  # (an output >= the kernel: not the GEMM form)
     ],
 )
-def test_strided_conv_input_gradient_is_subpixel(size, kernel, stride, padding):
+@pytest.mark.parametrize("batch", [2, 8])
+def test_strided_conv_gradients_are_subpixel_and_per_phase(size, kernel, stride, padding, batch):
     # 16 input channels: the rewrite is for >= 16 (3-channel input gradients were slower).
-    x, w = _random((2, size, size + 2, 16), (kernel, kernel, 16, 5), size + 3 * kernel)
+    x, w = _random((batch, size, size + 2, 16), (kernel, kernel, 16, 5), size + 3 * kernel)
     fn = lambda x, w: conv.conv_general_dilated(  # noqa: E731
         x, w, (stride, stride), padding, dimension_numbers=DN
     )
@@ -126,6 +127,12 @@ def test_strided_conv_input_gradient_is_subpixel(size, kernel, stride, padding):
     _assert_same(fn, ref, x, w)
     grad = jax.grad(_sin_loss(fn), (0, 1))
     assert all(d == 1 for dil in _conv_windows(grad, x, w, field="lhs_dilate") for d in dil)
+    # The weight gradient: stride-1 ones per input phase at batch <= 4, else XLA's
+    # (a kernel-dilated convolution).
+    windows = _conv_windows(grad, x, w, field="rhs_dilate")
+    kernel_dilated = [d for d in windows if max(d) > 1]
+    assert windows and all(len(d) == 2 for d in windows)
+    assert bool(kernel_dilated) == (batch > conv._PHASE_WEIGHT_GRAD_MAX_BATCH)
 
 
 @pytest.mark.parametrize(
