@@ -30,7 +30,8 @@ One iteration (every phase sees the parameters the phases before it produced):
    on D's *logits* (the class head's logits go straight into the cross-entropy).
 2. **G phase** (updates ``G``; D frozen at its new value). The same holes, so
    the same in-filling (G has not changed; one generated batch per iteration, as
-   in the references, and XLA computes G's forward pass once), then the non-saturating generator loss and the masked L2 reconstruction loss
+   in the references, and XLA computes G's forward pass once), then the
+   non-saturating generator loss and the masked L2 reconstruction loss
    (``losses.masked_l2``: mean squared error over the hole's pixels only):
 
    L_G = w_adv BCE(D(x_I), 1) + w_rec |m * (G(...) - x_u)|^2 / |m|

@@ -18,6 +18,8 @@ GFLOP/s and took up to nine tenths of a training step:
   through these rules;
 * a strided convolution's input gradient, which autodiff makes an input-dilated
   convolution: the same sub-pixel path, in a custom VJP (inputs of >= 16 channels);
+  at batches up to 4 its weight gradient too (a kernel-dilated convolution, 2x slow
+  there) is stride-1 weight gradients, one per input phase;
 * a convolution with an unpadded side (YNNPACK's forward without padding was slow):
   padded there by ``stride`` and cropped, in the forward only (:func:`_pad_and_crop`).
 
