@@ -5,6 +5,7 @@
   python benchmarks/throughput.py --method pixelda --compare-torch  # same settings in PyTorch
   python benchmarks/throughput.py --method cyclegan --scaling       # 1, 2, 4, 8 devices, same batch
   python benchmarks/throughput.py --method pixelda --variant runlocal --steps-per-call 8
+  python benchmarks/throughput.py --method cyclegan --image-size 512 --remat --dtype bfloat16
 
 The model is the config's paper-size network (variant ``paper`` where the
 config has one), the batch is synthetic and already on the device, and the step
@@ -134,6 +135,42 @@ def compiled_memory_bytes(compiled) -> int | None:
     )
 
 
+def stored_for_backward_bytes(method: engine.Method, state, batch) -> dict[str, int]:
+    """Bytes each phase's backward pass keeps from its forward pass (the residuals of the
+    phase loss's VJP: activations, plus the parameters and inputs they need), by phase.
+
+    A property of the traced program, the same on every backend: what ``model.remat``
+    changes (XLA:CPU's own memory analysis does not show it, as its pipeline drops the
+    optimization barriers that keep a recomputation apart and merges it with the forward).
+    """
+
+    def residuals(state, batch):
+        batch = method.prepare(batch)
+        carry, out = {}, {}
+        for i, phase in engine.training_phases(method):
+            inputs = engine.PhaseInputs(
+                batch,
+                jax.random.fold_in(state.rng, i),
+                state.step,
+                state.model_state,
+                state.extra,
+                carry,
+            )
+            trainable = {p: state.params[p] for p in phase.players}
+            loss = lambda tr, phase=phase, inputs=inputs: phase.loss_fn(  # noqa: E731
+                {**state.params, **tr}, inputs
+            )
+            _, out[phase.name], aux = jax.vjp(loss, trainable, has_aux=True)
+            carry = {**carry, **aux.get("carry", {})}
+        return out
+
+    shapes = jax.eval_shape(residuals, state, batch)
+    return {
+        name: int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vjp)))
+        for name, vjp in shapes.items()
+    }
+
+
 def peak_memory_bytes(device) -> int | None:
     try:
         stats = device.memory_stats()
@@ -170,6 +207,7 @@ class Bench:
             out_shardings=replicated,
         )
         self.state = init(jax.random.PRNGKey(cfg.seed), self.batch)
+        self.stored_bytes = stored_for_backward_bytes(self.method, self.state, self.batch)
         step_fn = engine.make_train_step(self.method, self.tx, guard=cfg.divergence.guard)
         self.steps_per_call = steps_per_call
         batch = self.batch
@@ -216,6 +254,10 @@ def measure(method, image_size, batch_size, dtype, args, num_devices=None) -> di
     cfg = build_config(method, image_size, batch_size, dtype, args.variant)
     cfg.divergence.guard = not args.no_guard
     cfg.train_baselines = not args.no_baselines
+    if args.remat and "remat" in cfg.model:
+        cfg.model.remat = True
+    elif args.remat and not args.all:  # with --all: the methods that have it
+        raise SystemExit(f"--remat: {method}'s config has no model.remat")
     conv.CPU_GRADIENTS = args.cpu_conv_grads  # read when the step is traced
     conv.CPU_REWRITES = not args.xla_convs
     conv.CPU_YNN_CONVS = args.ynn_convs  # read when the step is compiled
@@ -235,6 +277,7 @@ def measure(method, image_size, batch_size, dtype, args, num_devices=None) -> di
         dtype=dtype,
         guard=bool(cfg.divergence.guard),
         train_baselines=bool(cfg.train_baselines),
+        remat=bool(cfg.model.get("remat", False)),
         steps_per_call=args.steps_per_call,
         cpu_conv_grads=conv.CPU_GRADIENTS and jax.default_backend() == "cpu",
         cpu_conv_rewrites=conv.CPU_REWRITES and jax.default_backend() == "cpu",
@@ -248,6 +291,9 @@ def measure(method, image_size, batch_size, dtype, args, num_devices=None) -> di
         images_per_s_per_device=cfg.batch_size / med / devices,
         peak_memory_bytes=peak_memory_bytes(jax.devices()[0]),
         compiled_memory_bytes=compiled_memory_bytes(bench.compiled),
+        # the largest phase's (phases run one after another)
+        stored_for_backward_bytes=max(bench.stored_bytes.values()),
+        stored_for_backward_bytes_by_phase=bench.stored_bytes,
         flops_per_step=bench.flops,
         achieved_tflops=achieved / 1e12 if achieved else None,
         mfu=achieved / (peak * 1e12 * devices) if achieved and peak else None,
@@ -315,6 +361,7 @@ COLUMNS = [
     ("images_per_s", "{:.1f}"),
     ("peak_memory_bytes", "{:.3g}"),
     ("compiled_memory_bytes", "{:.3g}"),
+    ("stored_for_backward_bytes", "{:.3g}"),
     ("flops_per_step", "{:.3g}"),
     ("achieved_tflops", "{:.3g}"),
     ("mfu", "{:.1%}"),
@@ -385,6 +432,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="without the comparison baselines some methods train in every step "
         "(config.train_baselines=False; the PyTorch references train none)",
+    )
+    p.add_argument(
+        "--remat",
+        action="store_true",
+        help="recompute the networks' activations in the backward pass (config.model.remat; "
+        "cyclegan, cycada)",
     )
     p.add_argument(
         "--torch-ref",

@@ -62,6 +62,7 @@ def get_config(arg=None):
         "n_blocks": 2,
         "n_layers_D": 3,
         "norm": "instance",
+        "remat": False,  # recompute the CycleGAN networks' activations (configs/cyclegan.py)
         # task network (f_S, f_T and the baselines)
         "t_features": (16, 32, 64),
         "t_conv_dropout": (0.1, 0.3, 0.5),
