@@ -140,8 +140,8 @@ def stored_for_backward_bytes(method: engine.Method, state, batch) -> dict[str, 
     phase loss's VJP: activations, plus the parameters and inputs they need), by phase.
 
     A property of the traced program, the same on every backend: what ``model.remat``
-    changes (XLA:CPU's own memory analysis does not show it, as its pipeline drops the
-    optimization barriers that keep a recomputation apart and merges it with the forward).
+    changes (XLA:CPU's memory analysis does not show it: its pipeline removes the
+    optimization barriers that keep a recomputation apart before scheduling; RESULTS.md).
     """
 
     def residuals(state, batch):
