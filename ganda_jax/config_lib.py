@@ -29,6 +29,10 @@ def base(method: str) -> ml_collections.ConfigDict:
     # source-only / supervised-only network trained in the same step, for eval's *_gain
     # metrics) train it unless this is False, which saves its share of every step.
     c.train_baselines = True
+    # > 0: a jax.profiler trace of that many steps, profile_skip_steps after the run's first
+    # (past compilation), into workdir/profile (TensorBoard's profile plugin; Perfetto).
+    c.profile_steps = 0
+    c.profile_skip_steps = 5
     c.log_every_steps = 50
     c.eval_every_steps = 0  # 0: only at the end
     c.sample_every_steps = 0  # 0: only at the end

@@ -77,6 +77,38 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class _StepProfiler:
+    """A ``jax.profiler`` trace of ``num`` training steps, ``skip`` steps after this run's
+    first (past compilation and warm-up), into ``directory`` (TensorBoard's profile plugin
+    reads it; ``perfetto_trace.json.gz`` opens in ui.perfetto.dev). ``config.profile_steps``.
+    """
+
+    def __init__(self, directory: str, num: int, skip: int, first_step: int):
+        self.directory, self.num = directory, int(num)
+        self.start = int(first_step) + max(int(skip), 0)
+        self.active = False
+
+    def before(self, step: int, state) -> None:
+        if self.num > 0 and not self.active and step >= self.start:
+            jax.block_until_ready(state)  # the earlier steps finish outside the trace
+            jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+            self.active, self.start = True, step
+
+    def after(self, step: int, state) -> None:
+        if self.active and step >= self.start + self.num:
+            self.stop(step, state)
+
+    def stop(self, step: int, state) -> None:
+        if not self.active:
+            return
+        try:
+            jax.block_until_ready(state)  # the traced steps' device work, not just dispatch
+        finally:
+            jax.profiler.stop_trace()
+            self.active, self.num = False, 0
+        logging.info("Profile of steps %d-%d written to %s", self.start, step - 1, self.directory)
+
+
 class Run:
     """Everything built from a config; ``train`` drives it, tests poke at it."""
 
@@ -486,6 +518,12 @@ def _train_run(
             if images:
                 writer.write_images(step, images)
 
+    profiler = _StepProfiler(
+        os.path.join(workdir, "profile"),
+        num=config.get("profile_steps", 0),
+        skip=config.get("profile_skip_steps", 5),
+        first_step=step,
+    )
     with _Preemption() as preemption:
         if step < stop_at:
             batches = run.loader.iterate(step)
@@ -495,8 +533,10 @@ def _train_run(
                 n = run.steps_this_call(step, stop_at)
                 group = [next(batches) for _ in range(n)]
                 batch = group[-1]
+                profiler.before(step, state)
                 state, metrics = run.run_steps(state, group)
                 step += n
+                profiler.after(step, state)
                 accum = metrics if accum is None else jax.tree.map(jnp.add, accum, metrics)
                 accum_n += n
                 if step % log_every == 0 or step == stop_at:
@@ -555,6 +595,7 @@ def _train_run(
             if ckpt.latest_step() != step:
                 ckpt.save(step, state, run.meta(step), force=True)
         finally:
+            profiler.stop(step, state)  # a run that ended inside the profiled steps
             ckpt.close()
             writer.close()
             run.loader.close()

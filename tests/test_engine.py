@@ -1,5 +1,7 @@
 """The shared engine: phase isolation, schedules, sharding equivalence, exact resume."""
 
+import glob
+import gzip
 import json
 
 import jax
@@ -275,3 +277,18 @@ def test_train_without_baselines_reports_no_baseline_metrics(tmp_path):
         keys = set().union(*(json.loads(line) for line in f))
     assert {"eval/target_accuracy", "loss/GT", "loss/D"} <= keys, keys
     assert not [k for k in keys if "source_only" in k or "T_src" in k or "gain" in k], keys
+
+
+def test_profile_steps_writes_a_trace_of_the_training_steps(tmp_path):
+    cfg = load_config("pixelda", "runlocal")
+    cfg.num_train_steps, cfg.profile_steps, cfg.profile_skip_steps = 3, 1, 1
+    trainer.train(cfg, str(tmp_path), mesh=parallel.make_mesh(1))
+
+    def found(pattern):
+        return glob.glob(str(tmp_path / "profile" / "**" / pattern), recursive=True)
+
+    assert found("*.xplane.pb"), "no TensorBoard profile"
+    (perfetto,) = found("perfetto_trace.json.gz")
+    with gzip.open(perfetto) as f:
+        names = {e.get("name", "") for e in json.load(f)["traceEvents"]}
+    assert any("train_step" in n for n in names)  # the jitted step ran inside the trace
