@@ -103,9 +103,10 @@ class _StepProfiler:
             return
         try:
             jax.block_until_ready(state)  # the traced steps' device work, not just dispatch
-        finally:
-            jax.profiler.stop_trace()
-            self.active, self.num = False, 0
+        except Exception:  # stopping in a failing run: its own error is the one to see
+            logging.warning("Profile stopped without the last steps' device work")
+        jax.profiler.stop_trace()
+        self.active, self.num = False, 0
         logging.info("Profile of steps %d-%d written to %s", self.start, step - 1, self.directory)
 
 
