@@ -144,22 +144,17 @@ def stored_for_backward_bytes(method: engine.Method, state, batch) -> dict[str, 
     optimization barriers that keep a recomputation apart before scheduling; RESULTS.md).
     """
 
-    def residuals(state, batch):
+    def residuals(state, batch):  # the train step's phases, without the updates
         batch = method.prepare(batch)
+        step_rng = jax.random.fold_in(state.rng, state.step)
         carry, out = {}, {}
         for i, phase in engine.training_phases(method):
             inputs = engine.PhaseInputs(
-                batch,
-                jax.random.fold_in(state.rng, i),
-                state.step,
-                state.model_state,
-                state.extra,
-                carry,
-            )
+                batch, jax.random.fold_in(step_rng, i), state.step, state.model_state,
+                state.extra, carry,
+            )  # fmt: skip
+            loss = engine.phase_loss(phase, state.params, inputs)
             trainable = {p: state.params[p] for p in phase.players}
-            loss = lambda tr, phase=phase, inputs=inputs: phase.loss_fn(  # noqa: E731
-                {**state.params, **tr}, inputs
-            )
             _, out[phase.name], aux = jax.vjp(loss, trainable, has_aux=True)
             carry = {**carry, **aux.get("carry", {})}
         return out

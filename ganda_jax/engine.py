@@ -299,6 +299,12 @@ def without_baseline_metrics(method: Method, metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.startswith(method.baseline_metrics)}
 
 
+def phase_loss(phase: Phase, params: dict, inputs: PhaseInputs) -> Callable:
+    """``loss(trainable) -> (loss, aux)``: ``phase``'s loss as a function of its players'
+    parameters, every other player's fixed at ``params``."""
+    return lambda trainable: phase.loss_fn({**params, **trainable}, inputs)
+
+
 def make_train_step(method: Method, tx: optax.GradientTransformation, *, guard: bool = True):
     """Builds ``train_step(state, batch) -> (state, metrics)`` running every phase in order.
 
@@ -332,10 +338,8 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, *, guard: 
                 carry=carry,
             )
 
-            def loss_wrt(trainable, phase=phase, inputs=inputs, params=params):
-                return phase.loss_fn({**params, **trainable}, inputs)
-
             trainable = {p: params[p] for p in phase.players}
+            loss_wrt = phase_loss(phase, params, inputs)
             (loss, aux), grads = jax.value_and_grad(loss_wrt, has_aux=True)(trainable)
             params, opt_state = apply_phase_update(tx, params, opt_state, grads, phase.players)
             model_state = {**model_state, **aux.get("model_state", {})}
