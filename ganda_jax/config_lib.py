@@ -33,6 +33,11 @@ def base(method: str) -> ml_collections.ConfigDict:
     # (past compilation), into workdir/profile (TensorBoard's profile plugin; Perfetto).
     c.profile_steps = 0
     c.profile_skip_steps = 5
+    # JAX's persistent compilation cache, so that a resumed run (a preempted job, the next
+    # stage) loads its compiled programs instead of compiling them again: "auto" is
+    # workdir/compilation_cache (unless JAX already has a cache directory, e.g. from
+    # JAX_COMPILATION_CACHE_DIR), "" turns it off, any other value is the directory.
+    c.compilation_cache_dir = "auto"
     c.log_every_steps = 50
     c.eval_every_steps = 0  # 0: only at the end
     c.sample_every_steps = 0  # 0: only at the end

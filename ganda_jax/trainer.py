@@ -459,9 +459,10 @@ def train(
     state returned is that of the last stage trained.
     """
     parallel.maybe_initialize_distributed()  # before anything touches the backend
+    cache = compilation_cache_dir(config, workdir)  # one for all stages: a resume finds it
     stage_configs = getattr(get_method_class(config), "stage_configs", None)
     if stage_configs is None:
-        return _train_run(config, workdir, max_steps=max_steps, mesh=mesh)
+        return _train_run(config, workdir, max_steps=max_steps, mesh=mesh, cache=cache)
     plan = stage_configs(config, workdir)
     state, offset = None, 0
     for i, (name, cfg) in enumerate(plan):
@@ -475,14 +476,52 @@ def train(
             logging.info("Stage %r is finished in %s; skipping it.", name, stage_dir)
             continue
         logging.info("Stage %r (%d/%d) in %s.", name, i + 1, len(plan), stage_dir)
-        state = _train_run(cfg, stage_dir, max_steps=left, mesh=mesh)
+        state = _train_run(cfg, stage_dir, max_steps=left, mesh=mesh, cache=cache)
         if int(jax.device_get(state.step)) < total:  # stopped early: later stages must wait
             break
     return state
 
 
+def compilation_cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+    """The directory for JAX's persistent compilation cache that ``config`` asks for.
+
+    ``config.compilation_cache_dir``: ``"auto"`` (default) is ``workdir/compilation_cache``,
+    ``""`` none, anything else that directory. A directory JAX already has (set by the user,
+    ``JAX_COMPILATION_CACHE_DIR``, or an earlier run in this process) is kept: JAX reads its
+    cache directory once per process.
+    """
+    setting = config.get("compilation_cache_dir", "auto")
+    if not setting:
+        return None
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        if setting != "auto" and os.path.abspath(os.path.expanduser(setting)) != os.path.abspath(
+            current
+        ):
+            logging.warning(
+                "config.compilation_cache_dir=%r ignored: this process already uses %r.",
+                setting,
+                current,
+            )
+        return current
+    if setting == "auto":
+        return os.path.join(workdir, "compilation_cache")
+    return os.path.expanduser(setting)
+
+
+def _use_compilation_cache(path: str | None) -> None:
+    if path and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", path)
+        logging.info("Persistent compilation cache: %s", path)
+
+
 def _train_run(
-    config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None, mesh=None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    max_steps: int | None = None,
+    mesh=None,
+    cache: str | None = None,
 ) -> engine.TrainState:
     parallel.maybe_initialize_distributed()
     os.makedirs(workdir, exist_ok=True)
@@ -496,6 +535,9 @@ def _train_run(
     )
     divergence = _Divergence(config, run.method)
     state = run.restore_or_init(ckpt)  # before writing anything: a misfit workdir stays as it was
+    # From here on (the step's and the evaluations' programs; not the fresh state's init,
+    # which a resume does not compile): JAX would create the directory on its first compile.
+    _use_compilation_cache(cache)
     writer = writers.MetricWriter(workdir)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:

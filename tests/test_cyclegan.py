@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -151,8 +152,8 @@ def test_training_reduces_cycle_loss():
     assert np.std([h["loss/D"] for h in history]) > 0  # the discriminators train too
 
 
-def _run(args, **kw):
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", PYTHONPATH=ROOT)
+def _run(args, extra_env=(), **kw):
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", PYTHONPATH=ROOT, **dict(extra_env))
     return subprocess.run(
         [sys.executable, *args],
         cwd=ROOT,
@@ -166,10 +167,19 @@ def _run(args, **kw):
 
 def test_train_cli_end_to_end_then_translate(tmp_path):
     workdir = tmp_path / "wd"
-    proc = _run(["train.py", "--config=configs/cyclegan.py:runlocal", f"--workdir={workdir}"])
+    train = ["train.py", "--config=configs/cyclegan.py:runlocal", f"--workdir={workdir}"]
+    # Without the test session's cache directory: the run's own, workdir/compilation_cache.
+    proc = _run(train, extra_env={"JAX_COMPILATION_CACHE_DIR": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == 4
+    assert any(n.startswith("jit_train_step") for n in os.listdir(workdir / "compilation_cache"))
+    # A resume (from step 2) loads its training step from there instead of compiling it.
+    shutil.rmtree(workdir / "checkpoints" / "4")
+    proc = _run(train, extra_env={"JAX_COMPILATION_CACHE_DIR": "", "JAX_LOG_COMPILES": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Resumed from" in proc.stderr and "at step 2" in proc.stderr
+    assert "Persistent compilation cache hit for 'jit_train_step'" in proc.stderr
     evals = [l for l in lines if "eval/psnr_AtoB" in l]
     assert evals and {"eval/psnr_BtoA", "eval/psnr_identity_AtoB"} <= set(evals[-1])
     assert any("loss/G" in l and "lr/G" in l and "perf/images_per_sec" in l for l in lines)

@@ -292,3 +292,20 @@ def test_profile_steps_writes_a_trace_of_the_training_steps(tmp_path):
     with gzip.open(perfetto) as f:
         names = {e.get("name", "") for e in json.load(f)["traceEvents"]}
     assert any("train_step" in n for n in names)  # the jitted step ran inside the trace
+
+
+def test_compilation_cache_dir_is_the_workdirs_unless_jax_has_one():
+    cfg = load_config("pixelda", "runlocal")
+    session = jax.config.jax_compilation_cache_dir  # conftest's (JAX_COMPILATION_CACHE_DIR)
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert trainer.compilation_cache_dir(cfg, "/w") == "/w/compilation_cache"
+        cfg.compilation_cache_dir = "/elsewhere"
+        assert trainer.compilation_cache_dir(cfg, "/w") == "/elsewhere"
+        cfg.compilation_cache_dir = ""
+        assert trainer.compilation_cache_dir(cfg, "/w") is None
+        jax.config.update("jax_compilation_cache_dir", "/set/by/user")
+        cfg.compilation_cache_dir = "auto"  # JAX reads its directory once: the one it has
+        assert trainer.compilation_cache_dir(cfg, "/w") == "/set/by/user"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", session)
