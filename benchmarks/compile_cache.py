@@ -4,8 +4,8 @@
   python benchmarks/compile_cache.py --all --json cache.json
 
 ``train.py`` keeps compiled programs in ``workdir/compilation_cache``
-(``config.compilation_cache_dir``), so a resumed run (a preempted job, the next
-run of a sweep) loads its training step instead of compiling it again. Per method,
+(``config.compilation_cache_dir``), so a resumed run (after a preemption, a crash, a
+rollback) loads its training step instead of compiling it again. Per method,
 at its first reference setting (``throughput.py``'s network, batch and image size),
 two fresh processes build the same jitted training step with one new cache
 directory: the first compiles and writes the cache (a run's first start), the second

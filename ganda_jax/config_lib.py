@@ -33,8 +33,8 @@ def base(method: str) -> ml_collections.ConfigDict:
     # (past compilation), into workdir/profile (TensorBoard's profile plugin; Perfetto).
     c.profile_steps = 0
     c.profile_skip_steps = 5
-    # JAX's persistent compilation cache, so that a resumed run (a preempted job, the next
-    # stage) loads its compiled programs instead of compiling them again: "auto" is
+    # JAX's persistent compilation cache, so that a resumed run (after a preemption or a
+    # crash) loads its compiled programs instead of compiling them again: "auto" is
     # workdir/compilation_cache (unless JAX already has a cache directory, e.g. from
     # JAX_COMPILATION_CACHE_DIR), "" turns it off, any other value is the directory.
     c.compilation_cache_dir = "auto"
