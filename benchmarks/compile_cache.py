@@ -4,8 +4,8 @@
   python benchmarks/compile_cache.py --all --json cache.json
 
 ``train.py`` keeps compiled programs in ``workdir/compilation_cache``
-(``config.compilation_cache_dir``), so a resumed run (after a preemption, a crash, a
-rollback) loads its training step instead of compiling it again. Per method,
+(``config.compilation_cache_dir``), so a resumed run (after a preemption or a
+crash) loads its training step instead of compiling it again. Per method,
 at its first reference setting (``throughput.py``'s network, batch and image size),
 two fresh processes build the same jitted training step with one new cache
 directory: the first compiles and writes the cache (a run's first start), the second
@@ -27,14 +27,13 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import throughput  # noqa: E402
 
 
 def child(method: str, size: int | None, batch: int | None, dtype: str) -> None:
     """One process: build throughput.Bench's step (init and compile), print its timings."""
-    sys.path.insert(0, HERE)
-    import throughput
-
     cfg = throughput.build_config(method, size, batch, dtype)
     bench = throughput.Bench(cfg)
     print(
@@ -61,10 +60,7 @@ def start(method, size, batch, dtype, cache: str) -> dict:
 
 
 def measure(method: str, dtype: str) -> dict:
-    sys.path.insert(0, HERE)
-    from throughput import METHODS
-
-    size, batch = METHODS[method]["settings"][0]
+    size, batch = throughput.METHODS[method]["settings"][0]
     with tempfile.TemporaryDirectory(prefix="ganda_compile_cache_") as cache:
         cold = start(method, size, batch, dtype, cache)
         warm = start(method, size, batch, dtype, cache)
@@ -105,11 +101,9 @@ def main(argv=None) -> int:
         method, size, batch, dtype = argv[1:5]
         child(method, int(size) or None, int(batch) or None, dtype)
         return 0
-    sys.path.insert(0, HERE)
-    from throughput import METHODS
-
+    methods = sorted(throughput.METHODS)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--method", choices=sorted(METHODS))
+    p.add_argument("--method", choices=methods)
     p.add_argument("--all", action="store_true", help="every method")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
@@ -117,18 +111,12 @@ def main(argv=None) -> int:
     if not args.all and not args.method:
         p.error("give --method or --all")
     rows = []
-    for method in sorted(METHODS) if args.all else [args.method]:
+    for method in methods if args.all else [args.method]:
         rows.append(measure(method, args.dtype))
         print(json.dumps(rows[-1]), file=sys.stderr)
-    print("| " + " | ".join(c for c, _ in COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
-    for r in rows:
-        print("| " + " | ".join(f.format(r[c]) for c, f in COLUMNS) + " |")
+    throughput.print_table(rows, COLUMNS)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {"date": time.strftime("%Y-%m-%d"), "argv": sys.argv, "rows": rows}, f, indent=2
-            )
+        throughput.write_json(args.json, rows)
     return 0
 
 

@@ -367,8 +367,8 @@ COLUMNS = [
 ]
 
 
-def print_table(rows: list[dict]) -> None:
-    cols = [(k, f) for k, f in COLUMNS if any(r.get(k) is not None for r in rows)]
+def print_table(rows: list[dict], columns=COLUMNS) -> None:
+    cols = [(k, f) for k, f in columns if any(r.get(k) is not None for r in rows)]
     cells = [[k for k, _ in cols]]
     for r in rows:
         cells.append([f.format(r[k]) if r.get(k) is not None else "-" for k, f in cols])
@@ -477,17 +477,22 @@ def main(argv=None) -> int:
 
     print_table(rows)
     if args.json:
-        meta = dict(
-            jax=jax.__version__,
-            backend=jax.default_backend(),
-            device_kind=jax.devices()[0].device_kind,
-            machine=platform.platform(),
-            date=time.strftime("%Y-%m-%d"),
-            argv=sys.argv,
-        )
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        write_json(args.json, rows)
     return 0
+
+
+def write_json(path: str, rows: list[dict]) -> None:
+    """``{"meta": versions, backend, machine, date, argv; "rows": rows}`` to ``path``."""
+    meta = dict(
+        jax=jax.__version__,
+        backend=jax.default_backend(),
+        device_kind=jax.devices()[0].device_kind,
+        machine=platform.platform(),
+        date=time.strftime("%Y-%m-%d"),
+        argv=sys.argv,
+    )
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
