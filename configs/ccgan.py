@@ -5,7 +5,7 @@
   python train.py --config=configs/ccgan.py:cifar10 --config.data.data_dir=DIR --workdir=...
   python train.py --config=configs/ccgan.py:stl10 --config.data.data_dir=DIR --workdir=...
 
-Default: the embedded textured digits (32x32, ``data.domain='target'``), 10
+Default: the embedded textured digits (32x32, ``data.domain.name='target'``), 10
 labels per class (100 labelled images) plus 10k unlabelled ones, 16x16 holes,
 the low-resolution input of CC-GAN^2 (the full image pooled to 8x8), a
 CPU-sized context encoder (ngf=16) and discriminator (16-32-64), batch 32, 1500
@@ -33,7 +33,7 @@ paper's.
 """
 
 from ganda_jax import config_lib
-from ganda_jax.data import semi
+from ganda_jax.data import tasks
 
 VARIANTS = {"runlocal", "cifar10", "stl10"}
 
@@ -48,8 +48,8 @@ def get_config(arg=None):
     c.eval_every_steps = 500
     c.checkpoint_every_steps = 500
     c.eval_batch_size = 500
-    c.data = semi.data_block(
-        num_train=10000, num_test=2000, labels_per_class=10, domain="target", flip=False
+    c.data = tasks.data_block(
+        "semi", num_train=10000, num_test=2000, labels_per_class=10, domain=dict(name="target")
     )
     c.model = dict(
         ngf=16,
@@ -74,7 +74,7 @@ def get_config(arg=None):
     c.optimizer = dict(G=adam(), D=adam())
 
     if variants & {"cifar10", "stl10"}:
-        c.data.source = "tfds"
+        c.data.domain.update(kind="tfds", name="")
         c.data.num_train = c.data.num_test = 0  # whole splits
         c.data.labels_per_class = 100
         c.num_train_steps = 50_000
@@ -84,9 +84,9 @@ def get_config(arg=None):
         c.model.d_features = (64, 128, 256)
         c.model.d_convs_per_stage = 2
     if "cifar10" in variants:
-        c.data.name = "cifar10"
+        c.data.domain.name = "cifar10"
     if "stl10" in variants:
-        c.data.name = "stl10"
+        c.data.domain.name = "stl10"
         c.data.unlabeled_split = "unlabelled"
         c.image_size = 64
         c.model.hole_size = 32

@@ -35,7 +35,7 @@ CPU-sized) with a small FCN; reports ``eval/miou`` vs ``eval/source_only_miou``.
 """
 
 from ganda_jax import config_lib
-from ganda_jax.data import da, seg
+from ganda_jax.data import tasks
 
 VARIANTS = {"runlocal", "paper", "svhn_mnist", "usps_mnist", "seg"}
 
@@ -54,7 +54,7 @@ def get_config(arg=None):
     c.log_every_steps = 100
     c.checkpoint_every_steps = 500
     c.eval_batch_size = 500
-    c.data = da.data_block(num_train=10000, num_test=2000, flip=False)
+    c.data = tasks.data_block("classify", num_train=10000, num_test=2000)
     c.model = {
         # CycleGAN (names as configs/cyclegan.py; A = source, B = target)
         "ngf": 8,
@@ -113,16 +113,16 @@ def get_config(arg=None):
         c.optimizer.f_T = adam(1e-5, 0.9, 0.999)
         c.optimizer.D_feat = adam(1e-5, 0.9, 0.999)
     if variants & {"svhn_mnist", "usps_mnist"}:
-        c.data.source = "tfds"
-        c.data.name = "svhn_cropped" if "svhn_mnist" in variants else "usps"
-        c.data.target_name = "mnist"
+        source = "svhn_cropped" if "svhn_mnist" in variants else "usps"
+        c.data.source_domain.update(kind="tfds", name=source)
+        c.data.target_domain.update(kind="tfds", name="mnist")
         c.data.num_train = c.data.num_test = 0  # whole splits
     if "seg" in variants:
         c.task = "segment"
         c.image_size = 32
         c.batch_size = 16
         c.eval_batch_size = 100
-        c.data = seg.data_block(num_train=2000, num_test=200)
+        c.data = tasks.data_block("segment", num_train=2000, num_test=200)
         c.model.t_features, c.model.t_hidden = (16, 32, 64), 0
         c.model.d_feat_hidden = (64, 64)
     if "runlocal" in variants:

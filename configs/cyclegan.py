@@ -13,6 +13,7 @@ CPU-sized network (ngf=ndf=16, 6 residual blocks; the official block count for
 """
 
 from ganda_jax import config_lib
+from ganda_jax.data import tasks
 
 VARIANTS = {
     "runlocal",
@@ -33,7 +34,7 @@ def get_config(arg=None):
     c.image_size = 64
     c.log_every_steps = 50
     c.checkpoint_every_steps = 200
-    c.data = config_lib.data_block(num_train=2000, num_test=200)
+    c.data = tasks.data_block("translate", num_train=2000, num_test=200)
     # remat: recompute each network's activations in the backward pass instead of storing
     # them (about a third more FLOPs; the G phase's stored activations at 512 px, batch 1:
     # 11.9 GiB -> 0.13 GiB); for high resolutions on accelerators.
@@ -64,10 +65,11 @@ def get_config(arg=None):
         c.model.n_blocks = 9
         c.data.load_size = 286
     if tfds_sets:
-        c.data.source = "tfds"
-        c.data.name = f"cycle_gan/{tfds_sets.pop()}"
-    if "folder" in variants:
-        c.data.source = "folder"
+        name = f"cycle_gan/{tfds_sets.pop()}"
+        for d in ("A", "B"):  # splits trainA / testA, trainB / testB
+            c.data[d].update(kind="tfds", name=name, train_split=f"train{d}", test_split=f"test{d}")
+    if "folder" in variants:  # data.path/{trainA,trainB}: the CycleGAN layout
+        c.data.A.kind = c.data.B.kind = "folder"
     if "runlocal" in variants:
         c.batch_size = 2
         c.num_train_steps = 4

@@ -24,6 +24,7 @@ shrinks the widths to 4, the data to 16 images and training to 4 steps.
 """
 
 from ganda_jax import config_lib
+from ganda_jax.data import tasks
 
 TFDS_SETS = {"horse2zebra", "apple2orange", "summer2winter_yosemite", "monet2photo"}
 VARIANTS = {"runlocal", "paper", "folder", "paired"} | TFDS_SETS
@@ -37,7 +38,7 @@ def get_config(arg=None):
     c.image_size = 64
     c.log_every_steps = 50
     c.checkpoint_every_steps = 400
-    c.data = config_lib.data_block(num_train=2000, num_test=200, paired=False)
+    c.data = tasks.data_block("translate", num_train=2000, num_test=200, flip=True)
     c.model = dict(ngf=8, ndf=8, num_downs=6, n_layers_D=3, dropout=0.5)
     c.loss = dict(
         gan="nsgan",  # the paper's standard GAN loss; the PyTorch-GAN reference uses "lsgan"
@@ -62,10 +63,11 @@ def get_config(arg=None):
         c.data.load_size = c.image_size
         c.data.flip = False
     if tfds_sets:
-        c.data.source = "tfds"
-        c.data.name = f"cycle_gan/{tfds_sets.pop()}"
-    if "folder" in variants:
-        c.data.source = "folder"
+        name = f"cycle_gan/{tfds_sets.pop()}"
+        for d in ("A", "B"):  # splits trainA / testA, trainB / testB
+            c.data[d].update(kind="tfds", name=name, train_split=f"train{d}", test_split=f"test{d}")
+    if "folder" in variants:  # data.path/{trainA,trainB}: the CycleGAN layout
+        c.data.A.kind = c.data.B.kind = "folder"
     if "paired" in variants:
         c.data.paired = True
     if "runlocal" in variants:

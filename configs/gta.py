@@ -24,7 +24,7 @@ evaluation only.
 """
 
 from ganda_jax import config_lib
-from ganda_jax.data import da
+from ganda_jax.data import tasks
 
 VARIANTS = {"runlocal", "paper", "svhn"}
 
@@ -38,7 +38,7 @@ def get_config(arg=None):
     c.log_every_steps = 100
     c.checkpoint_every_steps = 500
     c.eval_batch_size = 500
-    c.data = da.data_block(num_train=10000, num_test=2000, flip=False)
+    c.data = tasks.data_block("classify", num_train=10000, num_test=2000)
     c.model = {
         "ndf": 32,  # F (embedding 2 ndf), C (hidden 2 ndf) and D widths, coupled as in the reference
         "ngf": 16,
@@ -62,9 +62,8 @@ def get_config(arg=None):
         c.model.nz = 512
         c.loss.target_adv_factor = 0.3
     if "svhn" in variants:
-        c.data.source = "tfds"
-        c.data.name = "svhn_cropped"
-        c.data.target_name = "mnist"
+        c.data.source_domain.update(kind="tfds", name="svhn_cropped")
+        c.data.target_domain.update(kind="tfds", name="mnist")
         c.data.num_train = c.data.num_test = 0  # whole splits
     if "runlocal" in variants:
         c.batch_size = 4

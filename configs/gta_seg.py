@@ -2,7 +2,7 @@
 
   python train.py --config=configs/gta_seg.py --workdir=/tmp/gta_seg
   python train.py --config=configs/gta_seg.py:runlocal --workdir=/tmp/gta_seg_tiny
-  python train.py --config=configs/gta_seg.py:tfds --config.data.name=gta5 \\
+  python train.py --config=configs/gta_seg.py:tfds --config.data.source_domain.name=gta5 \\
       --config.data.data_dir=DIR --workdir=...   # prepared tfds data, reference setting
 
 Default: the embedded segmentation pair (64x64, 5 classes; flat-coloured
@@ -19,7 +19,7 @@ b1=0.9) for F and C, Adam(1e-4, b1=0.7) for G and D, batch 1, 100k steps;
 loss weights as the reference's. Not reproduced: the ImageNet-pretrained
 VGG-16 initialisation of F and the double learning rate of F's biases.
 ``tfds``: prepared tfds data (never downloaded), the reference setting: source
-``data.name`` (a GTA5- or SYNTHIA-like builder you prepared, labels in
+``data.source_domain.name`` (a GTA5- or SYNTHIA-like builder you prepared, labels in
 Cityscapes label ids), target ``cityscapes/semantic_segmentation`` (its
 labelled ``validation`` split is the test split), 19 classes, images resized
 to a shorter side of 320 and cropped to 320x320 (the reference: whole
@@ -27,7 +27,7 @@ to a shorter side of 320 and cropped to 320x320 (the reference: whole
 """
 
 from ganda_jax import config_lib
-from ganda_jax.data import seg
+from ganda_jax.data import tasks
 
 VARIANTS = {"runlocal", "paper", "tfds"}
 
@@ -41,7 +41,7 @@ def get_config(arg=None):
     c.log_every_steps = 100
     c.checkpoint_every_steps = 500
     c.eval_batch_size = 200
-    c.data = seg.data_block(num_train=4000, num_test=500)
+    c.data = tasks.data_block("segment", num_train=4000, num_test=500)
     c.model = {
         "f_features": (8, 16, 32),
         "f_convs": (2, 2, 2),
@@ -93,22 +93,19 @@ def get_config(arg=None):
             c.optimizer[group].learning_rate = 1e-4
     if "tfds" in variants:
         c.image_size = 320
-        c.data.update(
-            source="tfds",
-            name="",  # set: a prepared GTA5 / SYNTHIA builder
-            target_name="cityscapes/semantic_segmentation",
-            image_key="image",
-            label_key="segmentation_label",
-            target_image_key="image_left",
-            target_label_key="segmentation_label",
+        c.data.source_domain.update(  # .name: set, a prepared GTA5 / SYNTHIA builder
+            kind="tfds", image_key="image", label_key="segmentation_label",
             label_map="cityscapes19",
-            num_classes=19,
-            test_split="validation",
-            num_train=0,
-            num_test=0,
-            load_size=320,
-            flip=True,
         )
+        c.data.target_domain.update(
+            kind="tfds",
+            name="cityscapes/semantic_segmentation",
+            image_key="image_left",
+            label_key="segmentation_label",
+            label_map="cityscapes19",
+            test_split="validation",
+        )
+        c.data.update(num_classes=19, num_train=0, num_test=0, load_size=320, flip=True)
     if "runlocal" in variants:
         c.batch_size = 4
         c.num_train_steps = 4

@@ -2,7 +2,7 @@
 
   python train.py --config=configs/pixelda.py --workdir=/tmp/pixelda
   python train.py --config=configs/pixelda.py:runlocal --workdir=/tmp/pixelda_tiny
-  python train.py --config=configs/pixelda.py:mnist --config.data.target_name=mnist_m \\
+  python train.py --config=configs/pixelda.py:mnist --config.data.target_domain.name=mnist_m \\
       --config.data.data_dir=DIR --workdir=...   # prepared tfds data, paper setting
 
 Default: the embedded digits pair (32x32; clean source strokes -> textured,
@@ -13,12 +13,13 @@ blocks) and discriminator (ndf=32), the paper's task classifier, batch 32.
 authors' TensorFlow hyper-parameters (hparams.py): Adam(1e-3, b1=0.5), gradient
 norm clipped at 5, batch 32, all loss weights 1. Their lr x0.95 every 20k
 steps is left out (constant lr); the step count is not given by the paper.
-``mnist``: tfds ``mnist`` -> ``data.target_name`` (a target with the same 10
-classes that you prepared, e.g. an ``mnist_m`` builder), paper setting.
+``mnist``: tfds ``mnist`` -> a prepared tfds target (a target with the same 10
+classes that you prepared, e.g. an ``mnist_m`` builder, as ``data.target_domain.name``),
+paper setting.
 """
 
 from ganda_jax import config_lib
-from ganda_jax.data import da
+from ganda_jax.data import tasks
 
 VARIANTS = {"runlocal", "paper", "mnist"}
 
@@ -32,7 +33,7 @@ def get_config(arg=None):
     c.log_every_steps = 100
     c.checkpoint_every_steps = 500
     c.eval_batch_size = 500
-    c.data = da.data_block(num_train=10000, num_test=2000, flip=False)
+    c.data = tasks.data_block("classify", num_train=10000, num_test=2000)
     c.model = dict(
         ngf=16,
         n_blocks=4,
@@ -62,8 +63,8 @@ def get_config(arg=None):
             group.learning_rate = 1e-3
             group.grad_clip_norm = 5.0
     if "mnist" in variants:
-        c.data.source = "tfds"
-        c.data.name = "mnist"
+        c.data.source_domain.update(kind="tfds", name="mnist")
+        c.data.target_domain.kind = "tfds"  # set .name: a prepared target, e.g. mnist_m
         c.data.num_train = c.data.num_test = 0  # whole splits
     if "runlocal" in variants:
         c.batch_size = 4

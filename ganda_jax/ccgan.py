@@ -125,7 +125,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ganda_jax import engine, evaluation, image_metrics, losses
-from ganda_jax.data import semi
 from ganda_jax.layers import FAST, BatchNorm, ConvTranspose, Dtype, make_norm
 
 # Random draws are made flat and reshaped: the same distributions, but XLA:CPU compiles the
@@ -284,6 +283,7 @@ class Discriminator(nn.Module):
 
 class CCGAN(engine.Method):
     name = "ccgan"
+    data_task = "semi"
     # D_sup trains with D's optimizer block: a fair baseline whatever a config override changes.
     players = {"G": "G", "D": "D", "D_sup": "D"}
     baseline_phases = ("D_sup",)
@@ -311,15 +311,6 @@ class CCGAN(engine.Method):
         )
 
     # --- data -----------------------------------------------------------------
-    def train_streams(self):
-        return semi.train_streams(self.config.data, self.config.image_size)
-
-    def train_transforms(self):
-        return semi.train_transforms(self.config.data, self.config.image_size)
-
-    def example_batch(self, batch_size):
-        return semi.example_batch(batch_size, self.config.image_size)
-
     def prepare(self, batch):
         return {
             "labeled": image_metrics.from_uint8(batch["labeled"]["image"], jnp.float32),
@@ -467,7 +458,7 @@ class CCGAN(engine.Method):
     def evaluate(self, state, mesh):
         """Accuracies of D and D_sup, and in-filling error, on the held-out test split."""
         cfg = self.config
-        split = semi.test_split(cfg.data, cfg.image_size)
+        split = self.data.test_split("domain")
         params = {p: state.params[p] for p in ("G", "D", "D_sup")}
         params["G_state"] = state.model_state["G"]
         out = evaluation.batched_apply(
@@ -505,7 +496,7 @@ class CCGAN(engine.Method):
         from ganda_jax.writers import image_grid
 
         cfg, n = self.config, 8
-        split = semi.test_split(cfg.data, cfg.image_size)
+        split = self.data.test_split("domain")
         real = split["image"][:n]
         corners = self.eval_holes(len(split["label"]))[:n]
         p, ms = jax.device_get(state.params), jax.device_get(state.model_state)

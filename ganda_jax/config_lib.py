@@ -1,7 +1,8 @@
 """Shared pieces of the ml_collections configs in ``configs/``.
 
 Every config has the same top-level names (``seed``, ``batch_size``,
-``num_train_steps``, ``image_size``, ``dtype``, ``data``, ``optimizer``,
+``num_train_steps``, ``image_size``, ``dtype``, ``data`` (built by
+:func:`ganda_jax.data.tasks.data_block`), ``optimizer``,
 ``checkpoint_every_steps``, ...), so flags and tools work across methods.
 Variants are chosen with ``--config=configs/x.py:variant1,variant2``.
 """
@@ -89,27 +90,6 @@ def adam(
             grad_clip_norm=0.0,
         )
     )
-
-
-def data_block(**kw) -> ml_collections.ConfigDict:
-    """``source`` is embedded | folder | tfds | npz (see ganda_jax.data.datasets)."""
-    d = dict(
-        source="embedded",
-        seed=0,
-        num_train=2000,
-        num_test=200,
-        path="",
-        name="",
-        data_dir="",
-        path_A="",
-        path_B="",
-        load_size=0,
-        flip=True,
-        convert_mode="rgb",  # folders: 'rgb' converts grayscale/RGBA/palette, 'error' rejects
-        num_threads=4,
-    )
-    d.update(kw)
-    return ml_collections.ConfigDict(d)
 
 
 def parse_variants(arg: str | None, known: set[str]) -> set[str]:

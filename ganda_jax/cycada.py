@@ -102,7 +102,6 @@ import ml_collections
 import numpy as np
 
 from ganda_jax import classify_eval, cyclegan, engine, image_metrics, losses, seg_eval
-from ganda_jax.data import da, seg
 from ganda_jax.layers import FAST, BatchNorm, Dtype
 
 STAGES = ("pretrain", "pixel", "feature")
@@ -250,7 +249,6 @@ class CyCADA(engine.Method):
                 "eval/adaptation_gain",
             )
         self.segment = config.task == "segment"
-        self.data = seg if self.segment else da
         m = config.model
         if m.feature not in ("logits", "penultimate"):
             raise ValueError(f"model.feature must be 'logits' or 'penultimate', got {m.feature!r}")
@@ -289,14 +287,9 @@ class CyCADA(engine.Method):
         return [(s, stage_config(config, s, workdir)) for s in stages]
 
     # --- data -----------------------------------------------------------------
-    def train_streams(self):
-        return self.data.train_streams(self.config.data, self.config.image_size)
-
-    def train_transforms(self):
-        return self.data.train_transforms(self.config.data, self.config.image_size)
-
-    def example_batch(self, batch_size):
-        return self.data.example_batch(batch_size, self.config.image_size)
+    @property
+    def data_task(self):
+        return "segment" if self.config.task == "segment" else "classify"
 
     def prepare(self, batch):
         return {
@@ -590,12 +583,12 @@ class CyCADA(engine.Method):
     def _scores(self, params, domain: str, mesh) -> dict[str, dict[str, float]]:
         """``{network: {'accuracy'|'miou'|...: value}}`` on the test split of ``domain``."""
         cfg = self.config
-        split = self.data.test_split(cfg.data, cfg.image_size, domain)
+        split = self.data.test_split(domain)
         if self.segment:
             scores = seg_eval.miou(
                 self._score_fn, params, split, mesh=mesh, batch_size=cfg.eval_batch_size
             )
-            names = seg.class_names(cfg.data)
+            names = self.data.class_names()
             return {
                 k: seg_eval.metric_dict(v, prefix="", class_names=names) for k, v in scores.items()
             }
@@ -672,8 +665,8 @@ class CyCADA(engine.Method):
         if self.stage == "pretrain":
             return {}
         cfg, n = self.config, 8
-        src = self.data.test_split(cfg.data, cfg.image_size, "source")
-        tgt = self.data.test_split(cfg.data, cfg.image_size, "target")
+        src = self.data.test_split("source")
+        tgt = self.data.test_split("target")
         s = image_metrics.from_uint8(src["image"][:n], np.float32)
         t = image_metrics.from_uint8(tgt["image"][:n], np.float32)
         p, ex = jax.device_get(state.params), jax.device_get(state.extra)

@@ -36,10 +36,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ganda_jax import engine, image_metrics, losses, translation_eval
-from ganda_jax.data import datasets
 from ganda_jax.layers import PatchDiscriminator, ResnetGenerator
 
 
@@ -73,6 +71,7 @@ def image_pool_query(*, pool, count, images, rng, pool_size: int):
 
 class CycleGAN(translation_eval.TranslationEvalMixin, engine.Method):
     name = "cyclegan"
+    data_task = "translate"
     players = {"G_AB": "G", "G_BA": "G", "D_A": "D", "D_B": "D"}
 
     def __init__(self, config):
@@ -89,17 +88,6 @@ class CycleGAN(translation_eval.TranslationEvalMixin, engine.Method):
         self.D = D(ndf=m.ndf, n_layers=m.n_layers_D, norm=m.norm, dtype=self.dtype)
 
     # --- data -----------------------------------------------------------------
-    def train_streams(self):
-        return datasets.unpaired_streams(self.config.data, "train", self.config.image_size)
-
-    def train_transforms(self):
-        return datasets.unpaired_transforms(self.config.data, self.config.image_size)
-
-    def example_batch(self, batch_size):
-        size = self.config.image_size
-        image = np.zeros((batch_size, size, size, 3), np.uint8)
-        return {"A": {"image": image}, "B": {"image": image}}
-
     def prepare(self, batch):
         return {k: image_metrics.from_uint8(batch[k]["image"], jnp.float32) for k in ("A", "B")}
 

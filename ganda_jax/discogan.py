@@ -84,7 +84,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ganda_jax import engine, image_metrics, losses, translation_eval
-from ganda_jax.data import datasets, sources
+from ganda_jax.data import sources
 from ganda_jax.layers import Conv, ConvTranspose, Dtype, InstanceNorm, conv_init, make_norm
 
 #: The paired training stream and its two image fields (see ``data.paired``).
@@ -296,6 +296,7 @@ def _distance(kind: str, x, y):
 
 class DiscoGAN(translation_eval.TranslationEvalMixin, engine.Method):
     name = "discogan"
+    data_task = "translate"
     players = {"G_AB": "G", "G_BA": "G", "D_A": "D", "D_B": "D"}
 
     def __init__(self, config):
@@ -316,13 +317,14 @@ class DiscoGAN(translation_eval.TranslationEvalMixin, engine.Method):
         if cfg.gan not in losses.GAN_LOSS_TYPES:
             raise ValueError(f"loss.gan={cfg.gan!r}; expected one of {losses.GAN_LOSS_TYPES}")
         self.paired = bool(data.get("paired", False))
-        if self.paired and data.source in ("embedded", "tfds"):
+        unpaired = [r for r in ("A", "B") if data[r].kind in ("embedded", "tfds")]
+        if self.paired and unpaired:
             raise ValueError(
                 f"data.paired=True (pixelwise translation loss) needs aligned A/B training "
-                f"pairs, but data.source={data.source!r} has unpaired training domains "
+                f"pairs, but data.{unpaired[0]}.kind={data[unpaired[0]].kind!r} is unpaired "
                 "(the embedded pair renders A and B from independent scenes; the tfds CycleGAN "
-                "sets are unpaired). Use data.source='folder' (trainA/trainB paired by file "
-                "name) or 'npz' (path_A/path_B paired by index), or set data.paired=False."
+                "sets are unpaired). Use kind='folder' (trainA/trainB paired by file name) or "
+                "'npz' (A and B paired by index) for both, or set data.paired=False."
             )
         self.G = UNetGenerator(
             ngf=m.ngf, num_downs=m.num_downs, dropout=m.dropout, dtype=self.dtype
@@ -331,17 +333,16 @@ class DiscoGAN(translation_eval.TranslationEvalMixin, engine.Method):
 
     # --- data -----------------------------------------------------------------
     def train_streams(self):
-        streams = datasets.unpaired_streams(self.config.data, "train", self.config.image_size)
+        streams = super().train_streams()
         if not self.paired:
             return streams
         return {PAIRED_STREAM: PairedSource(streams["A"], streams["B"])}
 
     def train_transforms(self):
-        data = self.config.data
-        transform = datasets.unpaired_transforms(data, self.config.image_size)
-        if transform is None or not self.paired:
-            return transform
-        return paired_transform(transform)
+        transforms = super().train_transforms()
+        if not self.paired:
+            return transforms
+        return {PAIRED_STREAM: paired_transform(transforms["A"])}
 
     def example_batch(self, batch_size):
         size = self.config.image_size

@@ -23,6 +23,7 @@ generators made *before* their update, exactly like the official code.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax
@@ -30,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from ganda_jax.data import tasks
 
 Params = Any
 PyTree = Any
@@ -102,18 +105,26 @@ class Method:
         self.config = config
         self.dtype = jnp.dtype(config.dtype)
 
-    # --- data -------------------------------------------------------------
+    # --- data (ganda_jax.data.tasks: one layer for every method) ---------------
+    #: 'translate' | 'classify' | 'segment' | 'semi': which streams and test splits.
+    data_task: str = ""
+
+    @functools.cached_property
+    def data(self) -> tasks.TaskData:
+        """The run's data: training streams, transforms, labelled test splits."""
+        return tasks.make(self.data_task, self.config)
+
     def train_streams(self) -> dict[str, Any]:
         """Named random-access sources for training (see ganda_jax.data)."""
-        raise NotImplementedError
+        return self.data.train_streams()
 
     def train_transforms(self) -> dict[str, Callable] | None:
         """Per-stream host-side augmentation (numpy), or None."""
-        return None
+        return self.data.train_transforms()
 
     def example_batch(self, batch_size: int) -> PyTree:
         """A zero batch in the loader's (host) format, for shapes without data."""
-        raise NotImplementedError
+        return self.data.example_batch(batch_size)
 
     def prepare(self, batch: PyTree) -> PyTree:
         """Device-side preprocessing inside the jitted step (e.g. uint8 -> [-1, 1])."""

@@ -103,7 +103,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ganda_jax import classify_eval, engine, image_metrics, losses
-from ganda_jax.data import da
 from ganda_jax.layers import BatchNorm, Conv, ConvTranspose, Dtype, conv_init, max_pool
 
 #: G upsamples 1x1 -> 2 -> 4 -> 8 -> 16 -> 32, D pools 32 -> 1: the digit size.
@@ -198,6 +197,7 @@ class Discriminator(nn.Module):
 
 class GTA(engine.Method):
     name = "gta"
+    data_task = "classify"
     # The baseline uses the F and C optimizer blocks: identical settings by construction.
     players: ClassVar[dict[str, str]] = {
         "F": "F",
@@ -225,15 +225,6 @@ class GTA(engine.Method):
         self.D = Discriminator(ndf=m.ndf, num_classes=n, dtype=self.dtype)
 
     # --- data -----------------------------------------------------------------
-    def train_streams(self):
-        return da.train_streams(self.config.data, self.config.image_size)
-
-    def train_transforms(self):
-        return da.train_transforms(self.config.data, self.config.image_size)
-
-    def example_batch(self, batch_size):
-        return da.example_batch(batch_size, self.config.image_size)
-
     def prepare(self, batch):
         return {
             "source": image_metrics.from_uint8(batch["source"]["image"], jnp.float32),
@@ -409,7 +400,7 @@ class GTA(engine.Method):
         return classify_eval.adaptation_scores(
             self._accuracy_fn,
             {p: state.params[p] for p in ("F", "C", "F_src", "C_src")},
-            lambda domain: da.test_split(cfg.data, cfg.image_size, domain),
+            lambda domain: self.data.test_split(domain),
             mesh=mesh,
             batch_size=cfg.eval_batch_size,
         )
@@ -431,9 +422,9 @@ class GTA(engine.Method):
         """
         from ganda_jax.writers import image_grid
 
-        cfg, n = self.config, 8
+        n = 8
         p, ms = jax.device_get(state.params), jax.device_get(state.model_state)
-        src = da.test_split(cfg.data, cfg.image_size, "source")
+        src = self.data.test_split("source")
         idx = [np.flatnonzero(src["label"] == c)[:n] for c in range(self.num_classes)]
         order = np.concatenate(idx)
         x = image_metrics.from_uint8(src["image"][order], np.float32)
@@ -442,7 +433,7 @@ class GTA(engine.Method):
         ends = np.cumsum([len(i) for i in idx])
         per_class = np.split(gen, ends[:-1])
 
-        tgt = da.test_split(cfg.data, cfg.image_size, "target")["image"][: 2 * n]
+        tgt = self.data.test_split("target")["image"][: 2 * n]
         xt = image_metrics.from_uint8(tgt, np.float32)
         zt = self.noise(jax.random.PRNGKey(1), len(tgt))
         gen_t = np.asarray(self._generate_fn(p, ms, xt, np.asarray(self.unknown(len(tgt))), zt))

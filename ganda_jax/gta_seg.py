@@ -110,7 +110,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ganda_jax import engine, image_metrics, losses, seg_eval
-from ganda_jax.data import seg
 from ganda_jax.layers import Conv, ConvTranspose, Dtype, InstanceNorm, conv_init, max_pool
 
 #: D_data's four per-pixel domain classes.
@@ -291,6 +290,7 @@ class Discriminator(nn.Module):
 
 class GTASeg(engine.Method):
     name = "gta_seg"
+    data_task = "segment"
     # F, C and the baseline's F_src, C_src share one optimizer block: the baseline's settings
     # equal the adapted network's by construction, whatever a config override changes.
     players: ClassVar[dict[str, str]] = {
@@ -329,15 +329,6 @@ class GTASeg(engine.Method):
         )
 
     # --- data -----------------------------------------------------------------
-    def train_streams(self):
-        return seg.train_streams(self.config.data, self.config.image_size)
-
-    def train_transforms(self):
-        return seg.train_transforms(self.config.data, self.config.image_size)
-
-    def example_batch(self, batch_size):
-        return seg.example_batch(batch_size, self.config.image_size)
-
     def prepare(self, batch):
         return {
             "source": image_metrics.from_uint8(batch["source"]["image"], jnp.float32),
@@ -533,12 +524,12 @@ class GTASeg(engine.Method):
         """
         cfg = self.config
         params = {p: state.params[p] for p in ("F", "C", "F_src", "C_src")}
-        names = seg.class_names(cfg.data)
+        names = self.data.class_names()
         tgt, src = (
             seg_eval.miou(
                 self._segment_fn,
                 params,
-                seg.test_split(cfg.data, cfg.image_size, domain),
+                self.data.test_split(domain),
                 mesh=mesh,
                 batch_size=cfg.eval_batch_size,
             )
@@ -569,11 +560,11 @@ class GTASeg(engine.Method):
         """Per domain, rows: test images, G(F(x)), true masks, F+C masks, source-only masks."""
         from ganda_jax.writers import image_grid
 
-        cfg, n, k = self.config, 8, self.num_classes
+        n, k = 8, self.num_classes
         p = jax.device_get(state.params)
         out = {}
         for domain in ("source", "target"):
-            split = seg.test_split(cfg.data, cfg.image_size, domain)
+            split = self.data.test_split(domain)
             images, labels = split["image"][:n], split["label"][:n]
             recon, pred, pred_src = self._sample_fn(p, image_metrics.from_uint8(images))
             rows = [

@@ -87,7 +87,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ganda_jax import classify_eval, engine, image_metrics, losses
-from ganda_jax.data import da
 from ganda_jax.layers import FAST, BatchNorm, Conv, Dtype, PatchDiscriminator, max_pool
 
 
@@ -149,6 +148,7 @@ class Classifier(nn.Module):
 
 class PixelDA(engine.Method):
     name = "pixelda"
+    data_task = "classify"
     players = {"G": "G", "D": "D", "T": "T", "T_src": "T_src"}
     baseline_phases = ("T_src",)
     baseline_metrics = ("eval/source_only_", "eval/adaptation_gain")
@@ -173,15 +173,6 @@ class PixelDA(engine.Method):
         )
 
     # --- data -----------------------------------------------------------------
-    def train_streams(self):
-        return da.train_streams(self.config.data, self.config.image_size)
-
-    def train_transforms(self):
-        return da.train_transforms(self.config.data, self.config.image_size)
-
-    def example_batch(self, batch_size):
-        return da.example_batch(batch_size, self.config.image_size)
-
     def prepare(self, batch):
         return {
             "source": image_metrics.from_uint8(batch["source"]["image"], jnp.float32),
@@ -292,7 +283,7 @@ class PixelDA(engine.Method):
         return classify_eval.adaptation_scores(
             self._accuracy_fn,
             {p: state.params[p] for p in ("T", "T_src")},
-            lambda domain: da.test_split(cfg.data, cfg.image_size, domain),
+            lambda domain: self.data.test_split(domain),
             mesh=mesh,
             batch_size=cfg.eval_batch_size,
         )
@@ -309,9 +300,9 @@ class PixelDA(engine.Method):
         """Rows: source test images, two restyled versions (two z), target test images."""
         from ganda_jax.writers import image_grid
 
-        cfg, n = self.config, 8
-        src = da.test_split(cfg.data, cfg.image_size, "source")["image"][:n]
-        tgt = da.test_split(cfg.data, cfg.image_size, "target")["image"][:n]
+        n = 8
+        src = self.data.test_split("source")["image"][:n]
+        tgt = self.data.test_split("target")["image"][:n]
         p, ms = jax.device_get(state.params), jax.device_get(state.model_state)
         x = image_metrics.from_uint8(src, np.float32)
         rows = [src]

@@ -524,8 +524,11 @@ def _train_run(
     cache: str | None = None,
 ) -> engine.TrainState:
     parallel.maybe_initialize_distributed()
-    os.makedirs(workdir, exist_ok=True)
     run = Run(config, mesh)
+    # Bad input (a missing path, a corrupt file, labels out of range) fails here, in one
+    # line, before anything is trained or written to the workdir.
+    run.method.data.check()
+    os.makedirs(workdir, exist_ok=True)
     total = int(config.num_train_steps)
     stop_at = total if max_steps is None else min(total, int(max_steps))
     ckpt = checkpointing.Checkpointer(
@@ -542,6 +545,8 @@ def _train_run(
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+        with open(os.path.join(workdir, "data.json"), "w") as f:  # e.g. class folder -> id
+            json.dump(run.method.data.info(), f, indent=2)
     step = int(jax.device_get(state.step))
     progress = writers.ProgressLogger(total_steps=total, batch_size=config.batch_size)
     log_every = max(int(config.log_every_steps), 1)

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ganda_jax import evaluation, image_metrics
-from ganda_jax.data import datasets
 
 Generate = Callable[[Any, jax.Array, str], jax.Array]
 
@@ -46,7 +45,6 @@ def embedded_pair_psnr(
     translate_fn: Callable[[Any, dict], dict],
     params: Any,
     data,
-    image_size: int,
     *,
     mesh,
     batch_size: int,
@@ -62,7 +60,7 @@ def embedded_pair_psnr(
 
     All PSNRs are means of per-image PSNRs on ``[-1, 1]`` images (data range 2).
     """
-    test = datasets.paired_test(data, image_size)
+    test = data.paired_test()
     if test is None:
         return {}
     out = evaluation.batched_apply(
@@ -76,7 +74,7 @@ def embedded_pair_psnr(
     b = image_metrics.from_uint8(test["B"], np.float32)
     identity = float(image_metrics.psnr(x=a, y=b))
     mean = {
-        d: image_metrics.from_uint8(datasets.embedded_train_mean(data, image_size, d), np.float32)
+        d: image_metrics.from_uint8(data.train_mean(d), np.float32)
         for d in ("A", "B")
     }
     return {
@@ -97,7 +95,6 @@ def sample_grids(
     generate: Generate,
     params: Any,
     data,
-    image_size: int,
     *,
     train_a: np.ndarray,
     train_b: np.ndarray,
@@ -111,7 +108,7 @@ def sample_grids(
     """
     from ganda_jax.writers import image_grid
 
-    test = datasets.paired_test(data, image_size)
+    test = data.paired_test()
     if test is not None:
         a, b = test["A"][:n], test["B"][:n]
     else:
@@ -156,8 +153,7 @@ class TranslationEvalMixin:
         return embedded_pair_psnr(
             self._translate_fn,
             state.params,
-            self.config.data,
-            self.config.image_size,
+            self.data,
             mesh=mesh,
             batch_size=self.config.eval_batch_size,
         )
@@ -168,8 +164,7 @@ class TranslationEvalMixin:
         return sample_grids(
             self.generate,
             state.params,
-            self.config.data,
-            self.config.image_size,
+            self.data,
             train_a=np.asarray(a),
             train_b=np.asarray(b),
         )

@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_phase_isolated, equal_trees, load_config
 
 from ganda_jax import ccgan, checkpointing, engine, image_metrics, parallel, trainer
-from ganda_jax.data import semi
+from ganda_jax.data import tasks
 
 
 def _tiny_config():
@@ -302,7 +302,7 @@ def test_tiny_training_moves_every_loss_and_stays_finite(history):
 def test_semi_supervised_data_hides_labels_and_checks_the_config():
     cfg = load_config("ccgan", "runlocal")
     cfg.data.labels_per_class = 2
-    streams = semi.train_streams(cfg.data, 32)
+    streams = tasks.SemiSupervised(cfg.data, 32).train_streams()
     assert streams["unlabeled"].fields == ("image",)
     labeled = streams["labeled"].arrays
     assert np.bincount(labeled["label"], minlength=10).tolist() == [2] * 10
@@ -311,21 +311,21 @@ def test_semi_supervised_data_hides_labels_and_checks_the_config():
     # The labelled images are training images (the unlabelled pool), not test images.
     flat = {img.tobytes() for img in unlabeled}
     assert all(img.tobytes() in flat for img in labeled["image"])
-    test = semi.test_split(cfg.data, 32)
+    test = tasks.SemiSupervised(cfg.data, 32).test_split("domain")
     assert test["image"].shape == (16, 32, 32, 3) and test["label"].dtype == np.int32
     assert not any(img.tobytes() in flat for img in test["image"])
     # Deterministic and balanced; too few examples of a class is an error.
     labels = np.arange(30) % 3
-    idx = semi.labeled_indices(labels, 4, 3, seed=0)
-    np.testing.assert_array_equal(idx, semi.labeled_indices(labels, 4, 3, seed=0))
+    idx = tasks.labeled_indices(labels, 4, 3, seed=0)
+    np.testing.assert_array_equal(idx, tasks.labeled_indices(labels, 4, 3, seed=0))
     assert np.bincount(labels[idx]).tolist() == [4, 4, 4]
     with pytest.raises(ValueError, match="fewer examples"):
-        semi.labeled_indices(labels, 11, 3, seed=0)
+        tasks.labeled_indices(labels, 11, 3, seed=0)
     with pytest.raises(ValueError, match="image_size=32"):
-        semi.train_streams(cfg.data, 64)
-    cfg.data.source = "tfds"
-    with pytest.raises(ValueError, match="data.name"):
-        semi.train_streams(cfg.data, 32)
+        tasks.SemiSupervised(cfg.data, 64).train_streams()
+    cfg.data.domain.update(kind="tfds", name="")
+    with pytest.raises(ValueError, match="needs a dataset name"):
+        tasks.SemiSupervised(cfg.data, 32).train_streams()
 
 
 def test_training_evaluates_checkpoints_and_resumes_exactly(tmp_path, run, history, mesh):
@@ -356,7 +356,7 @@ def test_training_evaluates_checkpoints_and_resumes_exactly(tmp_path, run, histo
 
     # The mean-colour baseline, recomputed here from the test split and the fixed eval holes.
     method = ccgan.CCGAN(cfg)
-    test = semi.test_split(cfg.data, cfg.image_size)
+    test = method.data.test_split("domain")
     x = image_metrics.from_uint8(test["image"], np.float64)
     s, l2, psnr = cfg.model.hole_size, [], []
     for img, (y0, x0) in zip(x, method.eval_holes(len(x))):

@@ -375,20 +375,20 @@ def test_cyclegan_folder_layout(tmp_path):
 
 
 def test_config_chooses_whether_mixed_image_modes_are_converted(tmp_path):
-    from ganda_jax import config_lib
-    from ganda_jax.data import datasets
+    from ganda_jax.data import tasks
 
     for sub in ("trainA", "trainB"):
         (tmp_path / sub).mkdir()
         write_png(tmp_path / sub / "0_rgb.png", np.full((4, 4, 3), 9, np.uint8))
     write_png(tmp_path / "trainA" / "1_gray.png", np.full((4, 4), 5, np.uint8))
-    data = config_lib.data_block(source="folder", path=str(tmp_path))
+    folder = dict(kind="folder")
+    data = tasks.data_block("translate", path=str(tmp_path), A=folder, B=folder)
     assert data.convert_mode == "rgb"  # the default converts
     np.testing.assert_array_equal(
-        datasets.unpaired_streams(data, "train", 4)["A"][1]["image"], np.full((4, 4, 3), 5)
+        tasks.Translation(data, 4).train_streams()["A"][1]["image"], np.full((4, 4, 3), 5)
     )
     data.convert_mode = "error"
-    strict = datasets.unpaired_streams(data, "train", 4)["A"]
+    strict = tasks.Translation(data, 4).train_streams()["A"]
     with pytest.raises(ValueError, match=r"1_gray\.png has mode 'L', expected RGB"):
         strict[1]
 

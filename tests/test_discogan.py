@@ -101,7 +101,8 @@ def test_losses_equal_their_terms_computed_by_hand(gan, distance, lambda_recon, 
     cfg.loss.gan, cfg.loss.recon_distance, cfg.loss.lambda_recon = gan, distance, lambda_recon
     cfg.loss.lambda_pixel = 3.0
     if paired:
-        cfg.data.source, cfg.data.paired = "npz", True
+        cfg.data.A.kind = cfg.data.B.kind = "npz"
+        cfg.data.paired = True
     method = discogan.DiscoGAN(cfg)
     params, inp = _inputs(method)
     a, b = np.asarray(inp.batch["A"]), np.asarray(inp.batch["B"])
@@ -162,8 +163,8 @@ def test_generator_phase_uses_dropout_with_the_phase_key():
 def test_paired_true_on_unpaired_data_raises():
     for source in ("embedded", "tfds"):
         cfg = load_config("discogan", "runlocal")
-        cfg.data.source, cfg.data.paired = source, True
-        with pytest.raises(ValueError, match="data.paired=True .* unpaired"):
+        cfg.data.A.kind, cfg.data.paired = source, True
+        with pytest.raises(ValueError, match="data.paired=True .* is unpaired"):
             trainer.Run(cfg, mesh=parallel.make_mesh(1))
 
 
@@ -272,8 +273,9 @@ def test_paired_data_keeps_pairs_aligned(tmp_path):
     for d in "AB":  # B[i] == A[i], so aligned pairs stay equal through crop and flip
         np.savez(tmp_path / f"{d}.npz", images=images)
     cfg = load_config("discogan", "runlocal")
-    cfg.data.source, cfg.data.paired = "npz", True
-    cfg.data.path_A, cfg.data.path_B = str(tmp_path / "A.npz"), str(tmp_path / "B.npz")
+    cfg.data.paired = True
+    cfg.data.A.update(kind="npz", path=str(tmp_path / "A.npz"))
+    cfg.data.B.update(kind="npz", path=str(tmp_path / "B.npz"))
     cfg.data.load_size, cfg.data.flip = 72, True  # random crops and flips
     cfg.batch_size = 4
     run = trainer.Run(cfg, mesh=parallel.make_mesh(1))
@@ -296,6 +298,8 @@ def test_paired_data_keeps_pairs_aligned(tmp_path):
         (tmp_path / "f" / f"train{d}").mkdir(parents=True)
         for n in names:
             Image.fromarray(images[0]).save(tmp_path / "f" / f"train{d}" / n)
-    cfg.data.source, cfg.data.path = "folder", str(tmp_path / "f")
+    cfg.data.A.update(kind="folder", path="")
+    cfg.data.B.update(kind="folder", path="")
+    cfg.data.path = str(tmp_path / "f")
     with pytest.raises(ValueError, match="y.png is paired with .*z.png"):
         discogan.DiscoGAN(cfg).train_streams()

@@ -11,7 +11,7 @@ import pytest
 from conftest import assert_phase_isolated, equal_trees, load_config
 
 from ganda_jax import engine, gta_seg, parallel, trainer
-from ganda_jax.data import pipeline, seg
+from ganda_jax.data import pipeline, tasks
 
 STEPS = 10
 
@@ -241,7 +241,7 @@ def test_training_moves_every_loss_evaluates_checkpoints_and_resumes(trained):
         ev["eval/miou"] - ev["eval/source_only_miou"]
     )
     per_class = [k for k in ev if k.startswith("eval/iou/")]
-    assert per_class and all(k.split("/")[-1] in seg.class_names(_config().data) for k in per_class)
+    assert per_class and all(k.split("/")[-1] in tasks.make("segment", _config()).class_names() for k in per_class)
     assert any(k.startswith("eval/source_only_iou/") for k in ev)
 
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
@@ -252,6 +252,6 @@ def test_training_moves_every_loss_evaluates_checkpoints_and_resumes(trained):
 
 def test_tfds_variant_needs_a_prepared_source():
     cfg = load_config("gta_seg", "tfds")
-    assert cfg.data.num_classes == 19 and cfg.data.label_map == "cityscapes19"
-    with pytest.raises(ValueError, match="data.name"):
-        seg.train_streams(cfg.data, cfg.image_size)
+    assert cfg.data.num_classes == 19 and cfg.data.source_domain.label_map == "cityscapes19"
+    with pytest.raises(ValueError, match="data.source_domain: kind='tfds' needs a dataset name"):
+        tasks.make("segment", cfg).train_streams()

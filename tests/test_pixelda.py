@@ -10,7 +10,7 @@ import pytest
 from conftest import assert_phase_isolated, load_config
 
 from ganda_jax import classify_eval, engine, parallel, pixelda, trainer
-from ganda_jax.data import da
+from ganda_jax.data import tasks
 
 
 def _tiny_config():
@@ -224,16 +224,16 @@ def test_classifier_accuracy_counts_every_example_once():
 
 def test_da_data_hides_target_labels_and_checks_the_config():
     cfg = load_config("pixelda", "runlocal")
-    streams = da.train_streams(cfg.data, 32)
+    streams = tasks.Classification(cfg.data, 32).train_streams()
     assert set(streams["source"].fields) == {"image", "label"}
     assert streams["target"].fields == ("image",)
-    test = da.test_split(cfg.data, 32, "target")
+    test = tasks.Classification(cfg.data, 32).test_split("target")
     assert test["image"].shape == (16, 32, 32, 3) and test["label"].dtype == np.int32
     with pytest.raises(ValueError, match="image_size=32"):
-        da.train_streams(cfg.data, 64)
-    cfg.data.source, cfg.data.name = "tfds", "mnist"
-    with pytest.raises(ValueError, match="target_name"):
-        da.train_streams(cfg.data, 32)
+        tasks.Classification(cfg.data, 64).train_streams()
+    cfg.data.target_domain.update(kind="tfds", name="")
+    with pytest.raises(ValueError, match="data.target_domain: kind='tfds' needs a dataset name"):
+        tasks.Classification(cfg.data, 32).train_streams()
 
 
 def test_training_writes_target_and_source_only_accuracy(tmp_path):

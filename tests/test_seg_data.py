@@ -1,4 +1,4 @@
-"""Segmentation DA data (ganda_jax.data.seg) and mIoU evaluation (ganda_jax.seg_eval)."""
+"""Segmentation DA data (ganda_jax.data.tasks.Segmentation) and mIoU evaluation (ganda_jax.seg_eval)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,15 +6,20 @@ import numpy as np
 import pytest
 
 from ganda_jax import parallel, seg_eval
-from ganda_jax.data import pipeline, seg, synthetic
+from ganda_jax.data import domains, pipeline, seg, synthetic, tasks
 
 
 def _data(**kw):
-    return seg.data_block(**{"num_train": 16, "num_test": 6, **kw})
+    return tasks.data_block("segment", **{"num_train": 16, "num_test": 6, **kw})
+
+
+def _task(size=32, **kw):
+    return tasks.Segmentation(_data(**kw), size)
 
 
 def test_train_streams_hide_target_labels_and_hold_class_maps():
-    streams = seg.train_streams(_data(), 32)
+    task = _task()
+    streams = task.train_streams()
     assert set(streams) == {"source", "target"}
     assert streams["source"].fields == ("image", "label")
     assert streams["target"].fields == ("image",)
@@ -27,36 +32,34 @@ def test_train_streams_hide_target_labels_and_hold_class_maps():
     batch = loader.batch(3)
     assert batch["source"]["label"].shape == (4, 32, 32)
     assert set(batch["target"]) == {"image"}
-    ex = seg.example_batch(4, 32)
+    ex = task.example_batch(4)
     for stream in ("source", "target"):
         for k, v in ex[stream].items():
             assert v.shape == batch[stream][k].shape and v.dtype == batch[stream][k].dtype
 
 
 def test_embedded_data_is_deterministic_and_splits_are_disjoint():
-    data = _data()
-    a = seg.train_streams(data, 32)["source"].arrays
-    test_a = seg.test_split(data, 32, "target")
-    seg._embedded.cache_clear()
-    seg._embedded_test.cache_clear()
-    b = seg.train_streams(data, 32)["source"].arrays
-    test_b = seg.test_split(data, 32, "target")
+    a = _task().train_streams()["source"].arrays
+    test_a = _task().test_split("target")
+    domains.embedded_arrays.cache_clear()
+    b = _task().train_streams()["source"].arrays
+    test_b = _task().test_split("target")
     for k in ("image", "label"):
         np.testing.assert_array_equal(a[k], b[k])
         np.testing.assert_array_equal(test_a[k], test_b[k])
     assert test_a["image"].shape == (6, 32, 32, 3) and test_a["label"].dtype == np.int32
-    train_tgt = seg.train_streams(data, 32)["target"].arrays["image"]
+    train_tgt = _task().train_streams()["target"].arrays["image"]
     assert not np.array_equal(train_tgt[:6], test_a["image"])
     # Another seed gives other scenes.
-    other = seg.train_streams(_data(seed=1), 32)["source"].arrays["label"]
+    other = _task(seed=1).train_streams()["source"].arrays["label"]
     assert not np.array_equal(other, a["label"])
 
 
 def test_joint_flip_keeps_image_and_label_aligned():
-    data = _data(flip=True)
-    src = seg.train_streams(data, 32)["source"]
-    transform = seg.train_transforms(data, 32)
-    assert seg.train_transforms(_data(), 32) is None  # embedded, no flip: nothing to do
+    task = _task(flip=True)
+    src = task.train_streams()["source"]
+    transform = task.train_transforms()["source"]
+    assert _task().train_transforms() == {"source": None, "target": None}  # embedded, no flip
     ex = src[0]
     flipped = 0
     for k in range(8):
@@ -70,36 +73,39 @@ def test_joint_flip_keeps_image_and_label_aligned():
     assert 0 < flipped < 8
 
 
-def test_tfds_style_transform_maps_ids_resizes_labels_nearest_and_crops():
-    data = _data(source="tfds", name="gta5", target_name="cityscapes", label_map="cityscapes19")
-    data.num_classes = 19
+def test_transform_maps_ids_resizes_labels_nearest_and_crops():
+    to19 = dict(num_classes=19, ignore_index=255, label_map="cityscapes19")
     # A 4x8 label image of Cityscapes label ids: road (7) left half, car (26) right, void (0).
     label = np.full((4, 8, 1), 7, np.uint8)
     label[:, 4:] = 26
     label[1, 3] = 0
     image = np.zeros((4, 8, 3), np.uint8)
     out = seg.joint_transform(
-        {"image": image, "label": label}, None, image_size=2, data=data, train=False
+        {"image": image, "label": label},
+        None,
+        image_size=2,
+        label_fn=lambda x: seg.to_class_map(x, **to19),
+        train=False,
     )
     # Shorter side 4 -> 2 (nearest: source rows 1, 3 and columns 1, 3, 5, 7), then the
     # central 2x2 crop = source columns 3 and 5; never a blend of two class ids.
     assert out["image"].shape == (2, 2, 3) and out["label"].dtype == np.uint8
     np.testing.assert_array_equal(out["label"], [[255, 13], [0, 13]])
     np.testing.assert_array_equal(
-        seg.to_class_map(np.array([[0, 7], [33, 34]]), data), [[255, 0], [18, 255]]
+        seg.to_class_map(np.array([[0, 7], [33, 34]]), **to19), [[255, 0], [18, 255]]
     )
     with pytest.raises(ValueError, match="outside"):
-        seg.to_class_map(np.array([[0, 7]]), _data())
+        seg.to_class_map(np.array([[0, 7]]), num_classes=5, ignore_index=255)
 
 
 def test_config_checks():
     with pytest.raises(ValueError, match="num_classes=5"):
-        seg.train_streams(_data(num_classes=19), 32)
-    with pytest.raises(ValueError, match="target_name"):
-        seg.train_streams(_data(source="tfds", name="gta5"), 32)
-    with pytest.raises(ValueError, match="domain"):
-        seg.test_split(_data(), 32, "train")
-    assert seg.class_names(_data()) == synthetic.SEG_CLASS_NAMES
+        _task(num_classes=19).train_streams()
+    with pytest.raises(ValueError, match="needs a dataset name"):
+        _task(source_domain=dict(kind="tfds")).train_streams()
+    with pytest.raises(ValueError, match="no domain"):
+        _task().test_split("train")
+    assert _task().class_names() == synthetic.SEG_CLASS_NAMES
 
 
 def _encoded_split():

@@ -262,7 +262,7 @@ class ArraySource:
                     "be uint8 [N, H, W, 3]"
                 )
             if key in ("label", "labels"):
-                arr = _labels_to_int32(arr, what)
+                arr = _labels_to_int32(arr, what, pixel=arr.ndim == 3)
             if length is None:
                 length = arr.shape[0]
             elif arr.shape[0] != length:
@@ -301,11 +301,20 @@ class ArraySource:
         return f"{type(self).__name__}({shapes})"
 
 
-def _labels_to_int32(labels: np.ndarray, what: str) -> np.ndarray:
-    if labels.ndim != 1:
-        raise ValueError(f"{what} has shape {labels.shape}; labels must be [N] integers")
+def _labels_to_int32(labels: np.ndarray, what: str, *, pixel: bool = False) -> np.ndarray:
+    """Class ids ``[N]`` -> int32; with ``pixel``, class maps ``[N, H, W]`` stay as they are."""
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{what} has dtype {labels.dtype}; labels must be integers")
+    if pixel:
+        if labels.ndim == 4 and labels.shape[-1] == 1:
+            labels = labels[..., 0]
+        if labels.ndim != 3:
+            raise ValueError(
+                f"{what} has shape {labels.shape}; per-pixel labels must be [N, H, W] integers"
+            )
+        return labels
+    if labels.ndim != 1:
+        raise ValueError(f"{what} has shape {labels.shape}; labels must be [N] integers")
     if labels.size and (
         labels.min() < np.iinfo(np.int32).min or labels.max() > np.iinfo(np.int32).max
     ):
@@ -329,6 +338,8 @@ class NpzSource(ArraySource):
       label_key: name of the label array; ``None`` to ignore labels. A missing
         label array is fine unless ``require_labels`` is set.
       require_labels: raise if ``label_key`` is not in the file.
+      pixel_labels: labels are per-pixel class maps ``[N, H, W]`` (segmentation), not
+        class ids ``[N]``.
     """
 
     def __init__(
@@ -338,6 +349,7 @@ class NpzSource(ArraySource):
         image_key: str = "images",
         label_key: str | None = "labels",
         require_labels: bool = False,
+        pixel_labels: bool = False,
     ):
         path = os.fspath(path)
         self.path = path
@@ -368,7 +380,12 @@ class NpzSource(ArraySource):
         arrays = {"image": _image_batch_to_rgb(images, f"{path}: array {image_key!r}")}
         if labels is not None:
             what = f"{path}: array {label_key!r}"
-            labels = _labels_to_int32(labels, what)
+            labels = _labels_to_int32(labels, what, pixel=pixel_labels)
+            if pixel_labels and labels.shape[1:] != arrays["image"].shape[1:3]:
+                raise ValueError(
+                    f"{what} has shape {labels.shape}; expected one class map per image "
+                    f"[N, H, W] with [H, W] = {arrays['image'].shape[1:3]}"
+                )
             if labels.shape[0] != arrays["image"].shape[0]:
                 raise ValueError(
                     f"{what} has {labels.shape[0]} labels but {image_key!r} has "
