@@ -64,9 +64,7 @@ def write_datasets(task: str, root: str, num: int, stored: int, size: int) -> di
             for i, image in enumerate(pair[d]):
                 Image.fromarray(image).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
         blocks["npz"] = {d: dict(kind="npz", path=os.path.join(root, f"{d}.npz")) for d in "AB"}
-        blocks["folder"] = {
-            d: dict(kind="folder", path=os.path.join(root, "folder")) for d in "AB"
-        }
+        blocks["folder"] = {d: dict(kind="folder", path=os.path.join(root, "folder")) for d in "AB"}
         return blocks
     roles = ("source", "target")
     for role in roles:
@@ -74,7 +72,9 @@ def write_datasets(task: str, root: str, num: int, stored: int, size: int) -> di
             d = synthetic.digits(domain=role, split="train", num=num, seed=0)
             images, labels = _resize(d["image"], stored), d["label"]
         else:
-            d = synthetic.segmentation_pair(domain=role, split="train", num=num, seed=0, size=stored)
+            d = synthetic.segmentation_pair(
+                domain=role, split="train", num=num, seed=0, size=stored
+            )
             images, labels = d["image"], CITYSCAPES_IDS[d["mask"]]
         npz = os.path.join(root, role, "npz")
         os.makedirs(npz)
@@ -143,7 +143,11 @@ def main(argv=None) -> int:
             for kind, domains in blocks.items():
                 extra = {"num_classes": 19} if task == "segment" and kind != "embedded" else {}
                 data = tasks.data_block(
-                    task, num_train=args.num_images, num_test=8, load_size=stored, **extra,
+                    task,
+                    num_train=args.num_images,
+                    num_test=8,
+                    load_size=stored,
+                    **extra,
                     **domains,
                 )
                 out = embedded_size if kind == "embedded" else size

@@ -94,7 +94,9 @@ def get_config(arg=None):
     if "tfds" in variants:
         c.image_size = 320
         c.data.source_domain.update(  # .name: set, a prepared GTA5 / SYNTHIA builder
-            kind="tfds", image_key="image", label_key="segmentation_label",
+            kind="tfds",
+            image_key="image",
+            label_key="segmentation_label",
             label_map="cityscapes19",
         )
         c.data.target_domain.update(

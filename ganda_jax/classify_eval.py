@@ -65,16 +65,30 @@ def adaptation_scores(
     ``eval/target_accuracy`` and ``eval/source_only_accuracy`` are on the
     held-out target test split, ``eval/adaptation_gain`` their difference;
     ``eval/source_accuracy`` and ``eval/source_only_source_accuracy`` on the
-    source test split.
+    source test split. With an ``'oracle'`` classifier too: ``eval/oracle_accuracy`` and
+    ``eval/gap_closed`` (:func:`gap_closed`) on the target test split.
     """
     tgt, src = (
         accuracies(accuracy_fn, params, test_split(domain), mesh=mesh, batch_size=batch_size)
         for domain in ("target", "source")
     )
-    return {
+    out = {
         "eval/target_accuracy": tgt["adapted"],
         "eval/source_only_accuracy": tgt["source_only"],
         "eval/adaptation_gain": tgt["adapted"] - tgt["source_only"],
         "eval/source_accuracy": src["adapted"],
         "eval/source_only_source_accuracy": src["source_only"],
     }
+    if "oracle" in tgt:
+        out["eval/oracle_accuracy"] = tgt["oracle"]
+        out.update(gap_closed(tgt["adapted"], tgt["source_only"], tgt["oracle"]))
+    return out
+
+
+def gap_closed(adapted: float, source_only: float, oracle: float) -> dict[str, float]:
+    """``{'eval/gap_closed': (adapted - source_only) / (oracle - source_only)}``: the share of
+    the source-only -> oracle gap the adaptation closes (1: as good as training on target
+    labels; 0: no better than source only). Empty when the oracle is not above source only."""
+    if oracle - source_only <= 1e-9:
+        return {}
+    return {"eval/gap_closed": (adapted - source_only) / (oracle - source_only)}

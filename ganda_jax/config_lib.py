@@ -30,6 +30,10 @@ def base(method: str) -> ml_collections.ConfigDict:
     # source-only / supervised-only network trained in the same step, for eval's *_gain
     # metrics) train it unless this is False, which saves its share of every step.
     c.train_baselines = True
+    # Adaptation methods also train a target oracle in the same step (the task network on
+    # target *training* labels, never used by the method) for eval/oracle_* and
+    # eval/gap_closed; it needs a labelled target training split.
+    c.train_oracle = True
     # > 0: a jax.profiler trace of that many steps, profile_skip_steps after the run's first
     # (past compilation), into workdir/profile (TensorBoard's profile plugin; Perfetto).
     c.profile_steps = 0

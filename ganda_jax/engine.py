@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from ganda_jax import image_metrics
 from ganda_jax.data import tasks
 
 Params = Any
@@ -100,6 +101,10 @@ class Method:
     # keep their RNG keys, so the method trains exactly as with them) and drops those metrics.
     baseline_phases: tuple[str, ...] = ()
     baseline_metrics: tuple[str, ...] = ()
+    # Phases that train a *target oracle* (the task network on target labels: an upper
+    # bound, never used by the method), fed by the data's ``target_labeled`` stream. They
+    # are baselines too; ``config.train_oracle = False`` skips them alone.
+    oracle_phases: tuple[str, ...] = ()
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -112,7 +117,7 @@ class Method:
     @functools.cached_property
     def data(self) -> tasks.TaskData:
         """The run's data: training streams, transforms, labelled test splits."""
-        return tasks.make(self.data_task, self.config)
+        return tasks.make(self.data_task, self.config, oracle=trains_oracle(self))
 
     def train_streams(self) -> dict[str, Any]:
         """Named random-access sources for training (see ganda_jax.data)."""
@@ -292,22 +297,55 @@ def all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def adaptation_batch(batch: PyTree) -> dict:
+    """An adaptation method's ``prepare``: ``source``, ``label``, ``target`` (images in
+    [-1, 1]) and, when the data has a ``target_labeled`` stream, ``oracle_image`` and
+    ``oracle_label`` (which only the oracle's phase may read)."""
+    out = {
+        "source": image_metrics.from_uint8(batch["source"]["image"], jnp.float32),
+        "label": batch["source"]["label"],
+        "target": image_metrics.from_uint8(batch["target"]["image"], jnp.float32),
+    }
+    if "target_labeled" in batch:
+        out["oracle_image"] = image_metrics.from_uint8(
+            batch["target_labeled"]["image"], jnp.float32
+        )
+        out["oracle_label"] = batch["target_labeled"]["label"]
+    return out
+
+
+#: The eval metrics of a target oracle (``oracle_phases``).
+ORACLE_METRICS = ("eval/oracle_", "eval/gap_closed")
+
+
+def trains_oracle(method: Method) -> bool:
+    """Whether the method's target oracle trains (it has one; baselines and oracle are on)."""
+    cfg = method.config
+    return bool(method.oracle_phases) and bool(
+        cfg.get("train_baselines", True) and cfg.get("train_oracle", True)
+    )
+
+
 def training_phases(method: Method) -> list[tuple[int, Phase]]:
     """``(index, phase)`` of the phases a step runs: all of ``method.phases()``, less its
-    ``baseline_phases`` when ``config.train_baselines`` is False. The index (which keys the
-    phase's RNG) is the phase's place in the full list either way."""
-    phases = list(enumerate(method.phases()))
-    if method.config.get("train_baselines", True):
-        return phases
-    return [(i, ph) for i, ph in phases if ph.name not in method.baseline_phases]
+    ``baseline_phases`` when ``config.train_baselines`` is False and its ``oracle_phases``
+    when the oracle does not train. The index (which keys the phase's RNG) is the phase's
+    place in the full list either way."""
+    skip = set() if method.config.get("train_baselines", True) else set(method.baseline_phases)
+    if not trains_oracle(method):
+        skip |= set(method.oracle_phases)
+    return [(i, ph) for i, ph in enumerate(method.phases()) if ph.name not in skip]
 
 
 def without_baseline_metrics(method: Method, metrics: dict) -> dict:
-    """``metrics`` less the baselines' when they are not trained (their players would report
-    their untrained initial weights)."""
-    if method.config.get("train_baselines", True) or not method.baseline_metrics:
+    """``metrics`` less those of the baselines and the oracle that are not trained (their
+    players would report their untrained initial weights)."""
+    drop = () if method.config.get("train_baselines", True) else tuple(method.baseline_metrics)
+    if method.oracle_phases and not trains_oracle(method):
+        drop += ORACLE_METRICS
+    if not drop:
         return metrics
-    return {k: v for k, v in metrics.items() if not k.startswith(method.baseline_metrics)}
+    return {k: v for k, v in metrics.items() if not k.startswith(drop)}
 
 
 def phase_loss(phase: Phase, params: dict, inputs: PhaseInputs) -> Callable:

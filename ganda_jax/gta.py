@@ -40,6 +40,9 @@ blocks, trained on ``CE(C_src(F_src(x_s)), y_s)`` only (the reference's
 ``Sourceonly`` trainer, run here in the same job). ``eval/target_accuracy``
 (``C(F(x))``) is reported next to ``eval/source_only_accuracy``
 (``C_src(F_src(x))``), both on the held-out labelled target *test* split.
+``oracle`` updates ``F_oracle`` and ``C_oracle`` the same way on labelled *target*
+training images (the data's ``target_labeled`` stream, read by no other phase): the target
+oracle of ``eval/oracle_accuracy`` and ``eval/gap_closed``.
 
 Networks (the reference's digit models, NHWC, 32x32): F = conv5(ndf)-ReLU-
 pool2-conv5(ndf)-ReLU-pool2-conv5(2 ndf)-ReLU (valid padding, a 1x1x2ndf
@@ -206,8 +209,11 @@ class GTA(engine.Method):
         "D": "D",
         "F_src": "F",
         "C_src": "C",
+        "F_oracle": "F",
+        "C_oracle": "C",
     }
     baseline_phases = ("src_only",)
+    oracle_phases = ("oracle",)
     baseline_metrics = ("eval/source_only_", "eval/adaptation_gain")
 
     def __init__(self, config):
@@ -225,12 +231,7 @@ class GTA(engine.Method):
         self.D = Discriminator(ndf=m.ndf, num_classes=n, dtype=self.dtype)
 
     # --- data -----------------------------------------------------------------
-    def prepare(self, batch):
-        return {
-            "source": image_metrics.from_uint8(batch["source"]["image"], jnp.float32),
-            "label": batch["source"]["label"],
-            "target": image_metrics.from_uint8(batch["target"]["image"], jnp.float32),
-        }
+    prepare = staticmethod(engine.adaptation_batch)
 
     # --- model ----------------------------------------------------------------
     def init(self, rng, batch):
@@ -257,6 +258,8 @@ class GTA(engine.Method):
             "D": d["params"],
             "F_src": f,  # the same initial weights: the baseline differs only by adaptation
             "C_src": c,
+            "F_oracle": f,
+            "C_oracle": c,
         }
         model_state = {
             "G": {"batch_stats": g["batch_stats"]},
@@ -312,6 +315,7 @@ class GTA(engine.Method):
             engine.Phase("C", ("C",), self.classifier_loss),
             engine.Phase("F", ("F",), self.embedding_loss),
             engine.Phase("src_only", ("F_src", "C_src"), self.source_only_loss),
+            engine.Phase("oracle", ("F_oracle", "C_oracle"), self.oracle_loss),
         )
 
     def discriminator_loss(self, params, inp: engine.PhaseInputs):
@@ -378,10 +382,21 @@ class GTA(engine.Method):
 
     def source_only_loss(self, params, inp: engine.PhaseInputs):
         b = inp.batch
-        logits = self.classify(params, b["source"], ("F_src", "C_src"))
-        ce = losses.softmax_cross_entropy(logits=logits, labels=b["label"])
-        acc = losses.accuracy(logits=logits, labels=b["label"])
-        return ce, {"metrics": {"src_only/source_ce": ce, "src_only/source_acc": acc}}
+        return self._supervised(
+            params, ("F_src", "C_src"), b["source"], b["label"], "src_only/source"
+        )
+
+    def oracle_loss(self, params, inp: engine.PhaseInputs):
+        """The target oracle: F and C's architecture on labelled *target* images (a bound)."""
+        b = inp.batch
+        x, y = b["oracle_image"], b["oracle_label"]
+        return self._supervised(params, ("F_oracle", "C_oracle"), x, y, "oracle/target")
+
+    def _supervised(self, params, players: tuple[str, str], x, y, prefix: str):
+        logits = self.classify(params, x, players)
+        ce = losses.softmax_cross_entropy(logits=logits, labels=y)
+        acc = losses.accuracy(logits=logits, labels=y)
+        return ce, {"metrics": {f"{prefix}_ce": ce, f"{prefix}_acc": acc}}
 
     # --- evaluation -------------------------------------------------------------
     @functools.cached_property
@@ -390,6 +405,7 @@ class GTA(engine.Method):
             lambda params, x: {
                 "adapted": self.classify(params, x),
                 "source_only": self.classify(params, x, ("F_src", "C_src")),
+                "oracle": self.classify(params, x, ("F_oracle", "C_oracle")),
             }
         )
 
@@ -399,7 +415,7 @@ class GTA(engine.Method):
         cfg = self.config
         return classify_eval.adaptation_scores(
             self._accuracy_fn,
-            {p: state.params[p] for p in ("F", "C", "F_src", "C_src")},
+            {p: state.params[p] for p in ("F", "C", "F_src", "C_src", "F_oracle", "C_oracle")},
             lambda domain: self.data.test_split(domain),
             mesh=mesh,
             batch_size=cfg.eval_batch_size,

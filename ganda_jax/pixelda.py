@@ -33,6 +33,10 @@ parameters the phases before it produced):
    never sees G, D or the target, so the run measures what adaptation adds:
    ``eval/target_accuracy`` (T) next to ``eval/source_only_accuracy`` (T_src),
    both on the held-out labelled target *test* split.
+4. **T_oracle phase** (updates ``T_oracle``): the target oracle, the same classifier
+   trained on labelled *target* training images (the data's ``target_labeled`` stream,
+   which no other phase reads): ``eval/oracle_accuracy`` bounds what adaptation can reach,
+   and ``eval/gap_closed = (target - source_only) / (oracle - source_only)``.
 
 Networks (NHWC, 32x32 digits): G projects ``z`` with a dense layer to
 ``noise_channels`` image-sized maps, concatenates them to ``x_s``, then
@@ -149,8 +153,10 @@ class Classifier(nn.Module):
 class PixelDA(engine.Method):
     name = "pixelda"
     data_task = "classify"
-    players = {"G": "G", "D": "D", "T": "T", "T_src": "T_src"}
+    # The target oracle trains with the source-only baseline's optimizer block.
+    players = {"G": "G", "D": "D", "T": "T", "T_src": "T_src", "T_oracle": "T_src"}
     baseline_phases = ("T_src",)
+    oracle_phases = ("T_oracle",)
     baseline_metrics = ("eval/source_only_", "eval/adaptation_gain")
 
     def __init__(self, config):
@@ -173,12 +179,7 @@ class PixelDA(engine.Method):
         )
 
     # --- data -----------------------------------------------------------------
-    def prepare(self, batch):
-        return {
-            "source": image_metrics.from_uint8(batch["source"]["image"], jnp.float32),
-            "label": batch["source"]["label"],
-            "target": image_metrics.from_uint8(batch["target"]["image"], jnp.float32),
-        }
+    prepare = staticmethod(engine.adaptation_batch)
 
     # --- model ----------------------------------------------------------------
     def init(self, rng, batch):
@@ -191,6 +192,7 @@ class PixelDA(engine.Method):
             "D": self.D.init(k_d, x)["params"],
             "T": t,
             "T_src": t,  # the same initial weights: the baseline differs only by adaptation
+            "T_oracle": t,
         }
         return params, {"G": {"batch_stats": g["batch_stats"]}}, {}
 
@@ -216,6 +218,7 @@ class PixelDA(engine.Method):
             engine.Phase("D", ("D",), self.discriminator_loss),
             engine.Phase("GT", ("G", "T"), self.generator_task_loss),
             engine.Phase("T_src", ("T_src",), self.source_only_loss),
+            engine.Phase("T_oracle", ("T_oracle",), self.oracle_loss),
         )
 
     def discriminator_loss(self, params, inp: engine.PhaseInputs):
@@ -261,10 +264,18 @@ class PixelDA(engine.Method):
 
     def source_only_loss(self, params, inp: engine.PhaseInputs):
         b = inp.batch
-        logits = self.classify(params, b["source"], "T_src")
-        ce = losses.softmax_cross_entropy(logits=logits, labels=b["label"])
-        acc = losses.accuracy(logits=logits, labels=b["label"])
-        return ce, {"metrics": {"T_src/source_ce": ce, "T_src/source_acc": acc}}
+        return self._supervised(params, "T_src", b["source"], b["label"], "source")
+
+    def oracle_loss(self, params, inp: engine.PhaseInputs):
+        """The target oracle: T's architecture on labelled *target* images (a bound only)."""
+        b = inp.batch
+        return self._supervised(params, "T_oracle", b["oracle_image"], b["oracle_label"], "target")
+
+    def _supervised(self, params, player: str, x, y, domain: str):
+        logits = self.classify(params, x, player)
+        ce = losses.softmax_cross_entropy(logits=logits, labels=y)
+        acc = losses.accuracy(logits=logits, labels=y)
+        return ce, {"metrics": {f"{player}/{domain}_ce": ce, f"{player}/{domain}_acc": acc}}
 
     # --- evaluation -------------------------------------------------------------
     @functools.cached_property
@@ -273,6 +284,7 @@ class PixelDA(engine.Method):
             lambda params, x: {
                 "adapted": self.classify(params, x, "T"),
                 "source_only": self.classify(params, x, "T_src"),
+                "oracle": self.classify(params, x, "T_oracle"),
             }
         )
 
@@ -282,7 +294,7 @@ class PixelDA(engine.Method):
         cfg = self.config
         return classify_eval.adaptation_scores(
             self._accuracy_fn,
-            {p: state.params[p] for p in ("T", "T_src")},
+            {p: state.params[p] for p in ("T", "T_src", "T_oracle")},
             lambda domain: self.data.test_split(domain),
             mesh=mesh,
             batch_size=cfg.eval_batch_size,

@@ -73,10 +73,7 @@ def embedded_pair_psnr(
     a = image_metrics.from_uint8(test["A"], np.float32)
     b = image_metrics.from_uint8(test["B"], np.float32)
     identity = float(image_metrics.psnr(x=a, y=b))
-    mean = {
-        d: image_metrics.from_uint8(data.train_mean(d), np.float32)
-        for d in ("A", "B")
-    }
+    mean = {d: image_metrics.from_uint8(data.train_mean(d), np.float32) for d in ("A", "B")}
     return {
         "eval/psnr_AtoB": float(image_metrics.psnr(x=out["fake_B"], y=b)),
         "eval/psnr_BtoA": float(image_metrics.psnr(x=out["fake_A"], y=a)),

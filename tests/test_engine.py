@@ -11,7 +11,7 @@ import optax
 import pytest
 from conftest import assert_phase_isolated, equal_trees, load_config
 
-from ganda_jax import engine, parallel, trainer
+from ganda_jax import classify_eval, engine, parallel, trainer
 
 
 def _tiny_cyclegan(**overrides):
@@ -236,9 +236,8 @@ def test_without_baselines_the_method_trains_alike_and_the_baseline_stays_at_ini
     (_, init_on, on, m_on), (run_off, init_off, off, m_off) = runs[True], runs[False]
     assert equal_trees(init_on, init_off)
     assert "loss/T_src" in m_on and "loss/T_src" not in m_off
-    assert {
-        k for k in m_on if not k.startswith(("loss/T_src", "T_src/", "guard/loss/T_src"))
-    } == set(m_off)
+    baseline = tuple(f"{p}{b}" for b in ("T_src", "T_oracle") for p in ("loss/", "guard/loss/"))
+    assert {k for k in m_on if not k.startswith((*baseline, "T_src/", "T_oracle/"))} == set(m_off)
     for p in ("G", "D", "T"):
         assert equal_trees(on.params[p], off.params[p]), p
         assert equal_trees(on.opt_state.inner_states[p], off.opt_state.inner_states[p]), p
@@ -253,6 +252,44 @@ def test_without_baselines_the_method_trains_alike_and_the_baseline_stays_at_ini
     }
     assert engine.without_baseline_metrics(run_off.method, scores) == {"eval/target_accuracy": 0.9}
     assert engine.without_baseline_metrics(runs[True][0].method, scores) == scores
+
+
+def test_the_target_oracle_trains_on_target_labels_and_never_touches_the_method():
+    """PixelDA's target oracle (T's architecture on the target stream *with* labels): with
+    it on or off, G, D, T and T_src train bit for bit alike (so no phase of the method reads
+    the target labels); it trains only when on; its metrics and gap_closed are reported."""
+    runs = {}
+    for oracle in (True, False):
+        cfg = load_config("pixelda", "runlocal")
+        cfg.train_oracle = oracle
+        run = trainer.Run(cfg, mesh=parallel.make_mesh(1))
+        assert ("target_labeled" in run.method.train_streams()) == oracle
+        state = run.init_state()
+        init = jax.device_get(state.params)
+        for s in range(2):
+            state, metrics = run.step_fn(state, run.global_batch(s))
+        runs[oracle] = (run, init, jax.device_get(state), metrics)
+    (run_on, init_on, on, m_on), (run_off, _, off, m_off) = runs[True], runs[False]
+    batch = run_on.loader.batch(0)
+    assert set(batch["target_labeled"]) == {"image", "label"} and set(batch["target"]) == {"image"}
+    for p in ("G", "D", "T", "T_src"):
+        assert equal_trees(on.params[p], off.params[p]), p
+        assert equal_trees(on.opt_state.inner_states[p], off.opt_state.inner_states[p]), p
+    assert not equal_trees(on.params["T_oracle"], init_on["T_oracle"])
+    assert equal_trees(off.params["T_oracle"], init_on["T_oracle"])
+    assert "loss/T_oracle" in m_on and "loss/T_oracle" not in m_off
+    scores = run_on.method.evaluate(on, parallel.make_mesh(1))
+    acc = scores["eval/oracle_accuracy"]
+    assert 0.0 <= acc <= 1.0
+    gap = acc - scores["eval/source_only_accuracy"]
+    if gap > 1e-9:
+        assert scores["eval/gap_closed"] == pytest.approx(scores["eval/adaptation_gain"] / gap)
+    off_scores = engine.without_baseline_metrics(
+        run_off.method, run_off.method.evaluate(off, parallel.make_mesh(1))
+    )
+    assert not [k for k in off_scores if k.startswith(engine.ORACLE_METRICS)]
+    assert classify_eval.gap_closed(0.7, 0.4, 0.8) == {"eval/gap_closed": pytest.approx(0.75)}
+    assert classify_eval.gap_closed(0.7, 0.4, 0.4) == {}
 
 
 @pytest.mark.parametrize("name", ["pixelda", "cycada", "gta", "gta_seg", "ccgan"])

@@ -233,6 +233,7 @@ def test_each_phase_updates_only_its_players(phases_out):
         ("C", ("C",)),
         ("F", ("F",)),
         ("src_only", ("F_src", "C_src")),
+        ("oracle", ("F_oracle", "C_oracle")),
     ]
     for phase in method.phases():
         res = phases_out["out"][phase.name]

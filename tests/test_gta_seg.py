@@ -241,7 +241,9 @@ def test_training_moves_every_loss_evaluates_checkpoints_and_resumes(trained):
         ev["eval/miou"] - ev["eval/source_only_miou"]
     )
     per_class = [k for k in ev if k.startswith("eval/iou/")]
-    assert per_class and all(k.split("/")[-1] in tasks.make("segment", _config()).class_names() for k in per_class)
+    assert per_class and all(
+        k.split("/")[-1] in tasks.make("segment", _config()).class_names() for k in per_class
+    )
     assert any(k.startswith("eval/source_only_iou/") for k in ev)
 
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())

@@ -80,7 +80,10 @@ def write_cityscapes(root, splits=(("train", 16), ("val", 8))):
         for i, (x, y) in enumerate(zip(images, labels)):
             city = ("aachen", "bremen")[i % 2]
             stem = f"{city}_{i:06d}_000019"
-            for kind, arr, suffix in (("leftImg8bit", x, "leftImg8bit"), ("gtFine", y, "gtFine_labelIds")):
+            for kind, arr, suffix in (
+                ("leftImg8bit", x, "leftImg8bit"),
+                ("gtFine", y, "gtFine_labelIds"),
+            ):
                 folder = os.path.join(root, kind, split, city)
                 os.makedirs(folder, exist_ok=True)
                 Image.fromarray(arr).save(os.path.join(folder, f"{stem}_{suffix}.png"))
@@ -300,7 +303,9 @@ def _check(data, task="classify", size=32):
 def test_a_missing_path_is_named(tmp_path):
     data = _classify_data(tmp_path)
     data.target_domain.path = str(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match=r"data.target_domain: npz path not found: .*nowhere"):
+    with pytest.raises(
+        FileNotFoundError, match=r"data.target_domain: npz path not found: .*nowhere"
+    ):
         _check(data)
     data.target_domain.update(kind="folder")
     with pytest.raises(FileNotFoundError, match="dataset folder not found: .*nowhere"):
@@ -379,7 +384,10 @@ def test_label_values_outside_num_classes_that_are_not_ignore_index(tmp_path):
         target_domain=dict(kind="folder", path=write_cityscapes(tmp_path / "cs")),
     )
     data.target_domain.label_map = "cityscapes19"
-    with pytest.raises(ValueError, match=r"gta5/labels/\d+\.png\): label values \[.*\] outside \[0, 19\) that are not ignore_index=255"):
+    with pytest.raises(
+        ValueError,
+        match=r"gta5/labels/\d+\.png\): label values \[.*\] outside \[0, 19\) that are not ignore_index=255",
+    ):
         _check(data, "segment")
 
 
@@ -405,6 +413,22 @@ def test_bad_input_fails_before_training_and_writes_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.target_domain: dataset folder not found"):
         trainer.train(cfg, str(workdir), mesh=parallel.make_mesh(2))
     assert not workdir.exists()
+
+
+def test_a_flat_unlabelled_target_needs_the_oracle_off(tmp_path):
+    data = _classify_data(tmp_path)
+    root = tmp_path / "flat"
+    images, _ = _digits("target", "train", 6)
+    for i, x in enumerate(images):  # ROOT/train/*.png: unlabelled
+        os.makedirs(root / "train", exist_ok=True)
+        Image.fromarray(x).save(root / "train" / f"{i}.png")
+    write_class_folders(root, "target", splits=(("test", 10),))
+    data.target_domain.update(kind="folder", path=str(root))
+    config = types.SimpleNamespace(data=data, image_size=32)
+    tasks.make("classify", config).check()  # an unlabelled target trains the method
+    assert len(tasks.make("classify", config).train_streams()["target"]) == 6
+    with pytest.raises(ValueError, match="target oracle .* --config.train_oracle=False"):
+        tasks.make("classify", config, oracle=True).check()
 
 
 def test_a_one_file_npz_holds_out_every_tenth_example_as_its_test_split(tmp_path):

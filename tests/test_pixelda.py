@@ -176,6 +176,7 @@ def test_each_phase_updates_only_its_players(run, history):
         ("D", ("D",)),
         ("GT", ("G", "T")),
         ("T_src", ("T_src",)),
+        ("T_oracle", ("T_oracle",)),
     ]
     for phase in method.phases():
 

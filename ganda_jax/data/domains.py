@@ -368,8 +368,7 @@ def _translation_folder(root: Path, role, split, name, convert_mode) -> Split:
     if split == "train" and _images_in(root):
         return Split(sources.FolderSource(root, convert_mode=convert_mode), where=str(root))
     raise FileNotFoundError(
-        f"{_what(role, split)}: no {name}{role}/ (the CycleGAN layout) or {name}/ folder "
-        f"in {root}"
+        f"{_what(role, split)}: no {name}{role}/ (the CycleGAN layout) or {name}/ folder in {root}"
     )
 
 

@@ -30,6 +30,7 @@ translation: CycleGAN's resize to ``load_size``, random crop and flip).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from concurrent.futures import ThreadPoolExecutor
 
@@ -89,8 +90,13 @@ ROLES = {
 }
 
 
-def make(task: str, config) -> TaskData:
-    """The :class:`TaskData` of ``task`` for a method's config."""
+def make(task: str, config, *, oracle: bool = False) -> TaskData:
+    """The :class:`TaskData` of ``task`` for a method's config.
+
+    ``oracle``: also a ``target_labeled`` stream (target training images *with* labels) for
+    a target oracle, a baseline that bounds what adaptation can reach; the method's own
+    phases read only ``source`` and ``target``.
+    """
     classes = {
         "translate": Translation,
         "classify": Classification,
@@ -99,7 +105,33 @@ def make(task: str, config) -> TaskData:
     }
     if task not in classes:
         raise ValueError(f"unknown data task {task!r}; expected one of {sorted(classes)}")
-    return classes[task](config.data, int(config.image_size))
+    return classes[task](config.data, int(config.image_size), oracle=oracle)
+
+
+class _WithoutLabels:
+    """A source's examples without their ``label`` field."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        return {k: v for k, v in self.source[index].items() if k != "label"}
+
+    def describe(self, index):
+        return sources.describe_example(self.source, index)
+
+
+def without_labels(source):
+    """The same images with no ``label`` field at all (what an unlabelled stream serves)."""
+    if isinstance(source, sources.ArraySource):
+        arrays = {k: v for k, v in source.arrays.items() if k != "label"}
+        return sources.ArraySource(arrays, name=source.describe(0).rsplit(" index", 1)[0])
+    if isinstance(source, domains.ListSource):
+        return domains.ListSource(source.files, convert_mode=source.convert_mode, name=source.name)
+    return _WithoutLabels(source)
 
 
 def _stack(examples, what: str) -> dict[str, np.ndarray]:
@@ -116,17 +148,20 @@ class TaskData:
     streams: dict[str, tuple[str, bool]] = {}
     holdout = True  # one-split layouts hold out a test split (all but translation)
 
-    def __init__(self, data, image_size: int):
+    def __init__(self, data, image_size: int, *, oracle: bool = False):
         self.data = data
         self.image_size = image_size
+        self.streams = dict(type(self).streams)
+        if oracle:  # labelled target images for a target oracle, never for the method
+            if self.task not in ("classify", "segment"):
+                raise ValueError(f"a target oracle is for adaptation tasks, not {self.task!r}")
+            self.streams["target_labeled"] = ("target_domain", True)
         if data.get("validate", "full") not in VALIDATE:
             raise ValueError(f"unknown data.validate {data.validate!r}; expected one of {VALIDATE}")
         for role in ROLES[self.task]:
             block = data[role]
             if block.kind not in domains.KINDS:
-                raise ValueError(
-                    f"data.{role}.kind={block.kind!r} is not one of {domains.KINDS}"
-                )
+                raise ValueError(f"data.{role}.kind={block.kind!r} is not one of {domains.KINDS}")
         self._test: dict[str, dict] = {}
         self._streams: dict | None = None
 
@@ -299,9 +334,17 @@ class _ClassTask(TaskData):
     def _splits(self) -> dict[tuple[str, str], domains.Split]:
         """Every split the run reads, opened once (files listed, npz arrays read, checked)."""
         out = {}
-        for role, labelled in self.streams.values():
+        for name, (role, labelled) in self.streams.items():
             if (role, "train") not in out or labelled:
-                out[(role, "train")] = self._open(role, "train", labelled)
+                try:
+                    out[(role, "train")] = self._open(role, "train", labelled)
+                except (ValueError, FileNotFoundError) as e:
+                    if name != "target_labeled":
+                        raise
+                    raise type(e)(
+                        f"{e}; the target oracle trains on labelled target training images: "
+                        "give the target's train split labels, or set --config.train_oracle=False"
+                    ) from e
         for role in self.test_roles():
             out[(role, "test")] = self._open(role, "test", True)
         self._names = self._resolve_classes(out)
@@ -371,7 +414,12 @@ class _ClassTask(TaskData):
             raise ValueError(f"{sources.describe_example(src, i)}: {e}") from e
 
     def _open_split(self, role, split, labels):
-        return self._splits[(role, split)]
+        out = self._splits[(role, split)]  # opened with labels if any stream needs them
+        if labels:
+            if out.class_names is None and "label" not in out.source[0]:
+                raise ValueError(f"data.{role}: the {split} split has no labels ({out.where})")
+            return out
+        return dataclasses.replace(out, source=without_labels(out.source))
 
     def _check_example(self, name, example):
         if "label" in example:
@@ -414,8 +462,7 @@ def _scan_labeled(src, per_class: int, num_classes: int, seed: int) -> np.ndarra
         label = int(src[int(i)]["label"])
         if not 0 <= label < num_classes:
             raise ValueError(
-                f"{sources.describe_example(src, int(i))}: label {label} outside "
-                f"[0, {num_classes})"
+                f"{sources.describe_example(src, int(i))}: label {label} outside [0, {num_classes})"
             )
         if counts[label] < per_class:
             counts[label] += 1
@@ -485,12 +532,7 @@ class SemiSupervised(_ClassTask):
                 labels=False,
                 holdout=False,
             ).source
-        src = self._splits[("domain", "train")].source
-        if isinstance(src, sources.ArraySource):  # the same images, labels dropped
-            return sources.ArraySource({"image": src.arrays["image"]}, name=f"{src!r} unlabelled")
-        if isinstance(src, domains.ListSource):
-            return domains.ListSource(src.files, convert_mode=src.convert_mode, name=src.name)
-        return self._open("domain", "train", False).source
+        return self._open_split("domain", "train", False).source
 
     def _transform(self, name):
         if name == "labeled" or self._embedded("domain"):
