@@ -148,15 +148,13 @@ def stored_for_backward_bytes(method: engine.Method, state, batch) -> dict[str, 
         batch = method.prepare(batch)
         step_rng = jax.random.fold_in(state.rng, state.step)
         carry, out = {}, {}
+        first = engine.make_inputs(method, batch, state, jax.random.fold_in(step_rng, 0))
         for i, phase in engine.training_phases(method):
-            inputs = engine.PhaseInputs(
-                batch, jax.random.fold_in(step_rng, i), state.step, state.model_state,
-                state.extra, carry,
-            )  # fmt: skip
+            inputs = first._replace(rng=jax.random.fold_in(step_rng, i), carry=carry)
             loss = engine.phase_loss(phase, state.params, inputs)
             trainable = {p: state.params[p] for p in phase.players}
             _, out[phase.name], aux = jax.vjp(loss, trainable, has_aux=True)
-            carry = {**carry, **aux.get("carry", {})}
+            carry = {**carry, **aux.carry}
         return out
 
     shapes = jax.eval_shape(residuals, state, batch)

@@ -50,7 +50,7 @@ def get_config(arg=None):
         "target_adv_factor": 1.0,
     }
     adam = lambda: config_lib.adam(5e-4, 0.8, 0.999)
-    # F_src and C_src (the source-only baseline) use the F and C blocks.
+    # The baselines' copies (F_src, C_src, F_oracle, C_oracle) use the F and C blocks.
     c.optimizer = {"F": adam(), "C": adam(), "G": adam(), "D": adam()}
 
     if variants & {"paper", "svhn"}:

@@ -52,7 +52,7 @@ def get_config(arg=None):
         task_weight=1.0,
     )
     adam = lambda: config_lib.adam(2e-4, 0.5, 0.999)  # noqa: E731
-    c.optimizer = dict(G=adam(), D=adam(), T=adam(), T_src=adam())
+    c.optimizer = dict(G=adam(), D=adam(), T=adam())  # T_src, T_oracle: copies of T
 
     if variants & {"paper", "mnist"}:
         c.num_train_steps = 100_000

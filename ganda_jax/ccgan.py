@@ -36,7 +36,7 @@ One iteration (every phase sees the parameters the phases before it produced):
 
    L_G = w_adv BCE(D(x_I), 1) + w_rec |m * (G(...) - x_u)|^2 / |m|
 
-3. **D_sup phase** (updates ``D_sup``): the supervised-only baseline, the same
+Baseline ``supervised_only`` (a phase the engine adds; updates ``D_sup``): the same
    network as D with the same initial weights, the same labelled batches, the
    same number of steps and optimiser hyper-parameters (D's block), trained on
    ``w_c CE(D_sup_c(x_l), y_l)`` alone: the D phase without its adversarial term.
@@ -284,10 +284,17 @@ class Discriminator(nn.Module):
 class CCGAN(engine.Method):
     name = "ccgan"
     data_task = "semi"
-    # D_sup trains with D's optimizer block: a fair baseline whatever a config override changes.
-    players = {"G": "G", "D": "D", "D_sup": "D"}
-    baseline_phases = ("D_sup",)
-    baseline_metrics = ("eval/supervised_only_", "eval/ssl_gain")
+    players = {"G": "G", "D": "D"}
+    # D_sup: D's architecture, initial weights and optimizer settings, trained on the
+    # labelled images only; the baseline differs only by the unlabelled data.
+    baselines = (
+        engine.Baseline(
+            "supervised_only",
+            {"D_sup": "D"},
+            inputs=("labeled", "label"),
+            metrics=("eval/supervised_only_", "eval/ssl_gain"),
+        ),
+    )
 
     def __init__(self, config):
         super().__init__(config)
@@ -318,6 +325,11 @@ class CCGAN(engine.Method):
             "unlabeled": image_metrics.from_uint8(batch["unlabeled"]["image"], jnp.float32),
         }
 
+    def step_inputs(self, rng, batch, extra):
+        # This iteration's holes, shared by the D and G phases (D's dropout key is the other
+        # half of its own key).
+        return {"corners": self.holes(jax.random.split(rng)[0], batch["unlabeled"].shape[0])}
+
     # --- model ----------------------------------------------------------------
     def init(self, rng, batch):
         k_g, k_d = jax.random.split(rng)
@@ -325,9 +337,7 @@ class CCGAN(engine.Method):
         corners = jnp.zeros((1, 2), jnp.int32)
         mask = hole_mask(corners, self.config.image_size, self.config.model.hole_size)
         g = self.G.init(k_g, x, mask, self.lowres(x), train=False)
-        d = self.D.init(k_d, x, train=False)["params"]
-        # D_sup starts from D's weights: the baseline differs only by the unlabelled data.
-        params = {"G": g["params"], "D": d, "D_sup": d}
+        params = {"G": g["params"], "D": self.D.init(k_d, x, train=False)["params"]}
         return params, {"G": {"batch_stats": g["batch_stats"]}}, {}
 
     def lowres(self, x):
@@ -346,34 +356,27 @@ class CCGAN(engine.Method):
         m = self.config.model
         mask = hole_mask(corners, self.config.image_size, m.hole_size)
         masked = x * (1.0 - mask) + m.fill_value * mask
-        variables = {"params": params["G"], **g_state}
         args = (masked, mask, self.lowres(x))
-        if train:
-            out, new = self.G.apply(variables, *args, train=True, mutable=["batch_stats"])
-            new = dict(new)
-        else:
-            out, new = self.G.apply(variables, *args, train=False), g_state
+        out, new = engine.apply(self.G, params, {"G": g_state}, "G", *args, train=train)
         out = out.astype(jnp.float32)
         return x * (1.0 - mask) + out * mask, out, mask, new
 
-    def discriminate(self, params, x, player: str = "D", *, train: bool = False, rng=None):
-        """``(adversarial logits [B], class logits [B, K])`` of ``params[player]``."""
-        rngs = {"dropout": rng} if train and rng is not None else None
-        return self.D.apply({"params": params[player]}, x, train=train, rngs=rngs)
+    def discriminate(self, params, x, *, train: bool = False, rng=None):
+        """``(adversarial logits [B], class logits [B, K])``; ``rng``: dropout key (train)."""
+        return engine.apply(self.D, params, {}, "D", x, train=train, rng=rng)[0]
 
     def phases(self):
         return (
             engine.Phase("D", ("D",), self.discriminator_loss),
             engine.Phase("G", ("G",), self.generator_loss),
-            engine.Phase("D_sup", ("D_sup",), self.supervised_only_loss),
         )
 
     def discriminator_loss(self, params, inp: engine.PhaseInputs):
         cfg, b = self.config.loss, inp.batch
-        k_hole, k_drop = jax.random.split(inp.rng)
+        _, k_drop = jax.random.split(inp.rng)
         x_u, x_l = b["unlabeled"], b["labeled"]
         n = x_u.shape[0]
-        corners = self.holes(k_hole, n)  # this iteration's holes, the G phase's too
+        corners = inp.draws["corners"]
         # G's statistics are updated by the G phase only (once per step).
         filled, _, _, _ = self.inpaint(params, inp.model_state["G"], x_u, corners, train=True)
         filled = jax.lax.stop_gradient(filled)
@@ -395,7 +398,7 @@ class CCGAN(engine.Method):
             "D/fake_logit": jnp.mean(fake_adv),
         }
         loss = cfg.d_adv_weight * loss_adv + cfg.class_weight * ce
-        return loss, {"metrics": metrics, "carry": {"corners": corners}}
+        return loss, engine.Out(metrics=metrics)
 
     def generator_loss(self, params, inp: engine.PhaseInputs):
         cfg, x_u = self.config.loss, inp.batch["unlabeled"]
@@ -403,22 +406,22 @@ class CCGAN(engine.Method):
         # The D phase's holes: with G unchanged by that phase, its in-filling and this forward
         # pass are one computation, which XLA does once.
         filled, out, mask, g_state = self.inpaint(
-            params, inp.model_state["G"], x_u, inp.carry["corners"], train=True
+            params, inp.model_state["G"], x_u, inp.draws["corners"], train=True
         )
         fake_adv, _ = self.discriminate(params, filled, train=True, rng=k_drop)
         adv = losses.gan_generator_loss(fake_logits=fake_adv, loss_type=cfg.gan)
         rec = losses.masked_l2(x=out, y=x_u, mask=mask)
         loss = cfg.adv_weight * adv + cfg.rec_weight * rec
         metrics = {"G/adv": adv, "G/masked_l2": rec}
-        return loss, {"metrics": metrics, "model_state": {"G": g_state}}
+        return loss, engine.Out(metrics=metrics, model_state={"G": g_state})
 
-    def supervised_only_loss(self, params, inp: engine.PhaseInputs):
-        b = inp.batch
-        _, logits = self.discriminate(params, b["labeled"], "D_sup", train=True, rng=inp.rng)
-        ce = losses.softmax_cross_entropy(logits=logits, labels=b["label"])
-        acc = losses.accuracy(logits=logits, labels=b["label"])
-        metrics = {"D_sup/class_ce": ce, "D_sup/train_labeled_acc": acc}
-        return self.config.loss.class_weight * ce, {"metrics": metrics}
+    def supervised_loss(self, params, inp, images, labels):
+        """D's class head on labelled images only (its loss weight as in the D phase)."""
+        _, logits = self.discriminate(params, images, train=True, rng=inp.rng)
+        ce = losses.softmax_cross_entropy(logits=logits, labels=labels)
+        acc = losses.accuracy(logits=logits, labels=labels)
+        metrics = {"class_ce": ce, "train_labeled_acc": acc}
+        return self.config.loss.class_weight * ce, engine.Out(metrics=metrics)
 
     # --- evaluation -------------------------------------------------------------
     def eval_holes(self, n: int) -> np.ndarray:
@@ -436,8 +439,12 @@ class CCGAN(engine.Method):
         """Class hits of D and D_sup, and hole errors of G and of the mean-colour fill."""
         x = image_metrics.from_uint8(batch["image"], jnp.float32)
         out = {}
-        for name, player in (("ccgan", "D"), ("supervised_only", "D_sup")):
-            _, logits = self.discriminate(params, x, player)
+        (baseline,) = self.baselines
+        for name, p in (
+            ("ccgan", params),
+            ("supervised_only", engine.copy_params(params, baseline)),
+        ):
+            _, logits = self.discriminate(p, x)
             out[f"{name}_hit"] = jnp.argmax(logits, axis=-1) == batch["label"]
         corners, hole = batch["hole"], self.config.model.hole_size
         filled, _, mask, _ = self.inpaint(params, params["G_state"], x, corners, train=False)

@@ -11,13 +11,14 @@ pass, and each example counts exactly once (batched_apply drops the padding).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from ganda_jax import evaluation, image_metrics
+from ganda_jax import engine, evaluation, image_metrics
 
 LogitsFn = Callable[[Any, Any], Mapping[str, Any]]
 
@@ -92,3 +93,34 @@ def gap_closed(adapted: float, source_only: float, oracle: float) -> dict[str, f
     if oracle - source_only <= 1e-9:
         return {}
     return {"eval/gap_closed": (adapted - source_only) / (oracle - source_only)}
+
+
+class AdaptationEval:
+    """Mixin of a digit-adaptation :class:`ganda_jax.engine.Method`: its ``evaluate`` is
+    :func:`adaptation_scores` of ``task_logits`` with the method's task players ('adapted')
+    and with each baseline's copies in their place (named by the baseline: 'source_only',
+    'oracle'), all on the same batches of the held-out test splits."""
+
+    def task_logits(self, params, images):
+        """Class logits [B, C] of the task network for float images in [-1, 1]."""
+        raise NotImplementedError
+
+    @functools.cached_property
+    def _accuracy_fn(self):
+        def logits(params, images):
+            out = {"adapted": self.task_logits(params, images)}
+            for b in self.baselines:
+                out[b.name] = self.task_logits(engine.copy_params(params, b), images)
+            return out
+
+        return make_accuracy_fn(logits)
+
+    def evaluate(self, state, mesh):
+        scored = {p for b in self.baselines for p in (*b.copies, *b.copies.values())}
+        return adaptation_scores(
+            self._accuracy_fn,
+            {p: state.params[p] for p in sorted(scored)},
+            self.data.test_split,
+            mesh=mesh,
+            batch_size=self.config.eval_batch_size,
+        )

@@ -37,8 +37,10 @@ the three in order, a re-run resumes the interrupted one):
 
    - ``D_feat``: ``L_D(D_feat(phi(f_T(x_st))) real, D_feat(phi(f_T(x_t))) fake)``;
    - ``f_T``: ``task_weight CE(f_T(x_st), y_s) + feature_weight L_G(D_feat(phi(f_T(x_t))))``;
-   - ``T_pix`` (baseline, pixel-level adaptation only): ``CE(T_pix(x_st), y_s)``;
-   - ``T_src`` (baseline, no adaptation): ``CE(T_src(x_s), y_s)``.
+   - the baselines (phases the engine adds): ``pixel_only``, pixel-level adaptation
+     only, ``CE(T_pix(x_st), y_s)``; ``source_only``, no adaptation, ``CE(T_src(x_s), y_s)``.
+
+   ``x_st = G_st(x_s)`` is made once per step (``step_inputs``).
 
    ``phi`` is the discriminated representation (``model.feature``:
    ``'logits'``, the network's output as in the paper's ``f_T(.)`` and the
@@ -112,8 +114,19 @@ TASKS = ("classify", "segment")
 PLAYERS = {
     "pretrain": {"f_S": "f_S"},
     "pixel": {"G_st": "G", "G_ts": "G", "D_s": "D", "D_t": "D"},
-    "feature": {"D_feat": "D_feat", "f_T": "f_T", "T_pix": "f_T", "T_src": "f_T"},
+    "feature": {"D_feat": "D_feat", "f_T": "f_T"},
 }
+
+# The feature stage's baselines: copies of f_T (its initial weights from f_S and its
+# optimizer block), one on the translated source only, one on the source only.
+FEATURE_BASELINES = (
+    engine.Baseline(
+        "pixel_only", {"T_pix": "f_T"}, inputs=("x_st", "label"), metrics=("eval/pixel_only_",)
+    ),
+    engine.Baseline(
+        "source_only", {"T_src": "f_T"}, metrics=("eval/source_only_", "eval/adaptation_gain")
+    ),
+)
 
 
 # ---------------------------------------------------------------------------
@@ -242,12 +255,7 @@ class CyCADA(engine.Method):
         self.stage = config.stage
         self.players = PLAYERS[self.stage]
         if self.stage == "feature":  # (f_S's eval/source_only_* of the other stages stay)
-            self.baseline_phases = ("T_pix", "T_src")
-            self.baseline_metrics = (
-                "eval/pixel_only_",
-                "eval/source_only_",
-                "eval/adaptation_gain",
-            )
+            self.baselines = FEATURE_BASELINES
         self.segment = config.task == "segment"
         m = config.model
         if m.feature not in ("logits", "penultimate"):
@@ -372,10 +380,8 @@ class CyCADA(engine.Method):
         params = {
             "D_feat": self.D_feat.init(k_d, jnp.zeros(phi.shape, phi.dtype))["params"],
             "f_T": t_params,
-            "T_pix": t_params,
-            "T_src": t_params,
         }
-        model_state = {p: t for p in ("f_T", "T_pix", "T_src")} if t else {}
+        model_state = {"f_T": t} if t else {}
         g_st = self._zeros_like_init(self.cyclegan.G.init, k_pix, x)["params"]
         return params, model_state, {"G_st": g_st, "f_S": f_s}
 
@@ -399,8 +405,8 @@ class CyCADA(engine.Method):
             pre = self._load_stage("pretrain", cfg.pretrain_workdir, state)
             f_s = {"params": pre.params["f_S"], **pre.model_state.get("f_S", {})}
             extra["f_S"] = f_s
-            if self.stage == "feature":  # f_T and both baselines start from f_S
-                for p in ("f_T", "T_pix", "T_src"):
+            if self.stage == "feature":  # f_T and the baselines' copies start from f_S
+                for p in ("f_T", *(c for b in self.baselines for c in b.copies)):
                     params[p] = copy(pre.params["f_S"])
                     if "f_S" in pre.model_state:
                         model_state[p] = copy(pre.model_state["f_S"])
@@ -420,22 +426,31 @@ class CyCADA(engine.Method):
         return (
             engine.Phase("D_feat", ("D_feat",), self.feature_discriminator_loss),
             engine.Phase("f_T", ("f_T",), self.feature_task_loss),
-            engine.Phase("T_pix", ("T_pix",), self.pixel_only_loss),
-            engine.Phase("T_src", ("T_src",), self.source_only_loss),
         )
 
-    def _supervised(self, params, inp, player: str, x):
+    def step_inputs(self, rng, batch, extra):
+        if self.stage != "feature":
+            return {}
+        # x_st = G_st(x_s) from the frozen pixel-stage generator, made once per step.
+        return {"x_st": self.translate(extra["G_st"], batch["source"])}
+
+    def _supervised(self, params, inp, player: str, x, y):
         logits, _, new = self.task_apply(
             self.player_vars(params, inp.model_state, player), x, train=True, rng=inp.rng
         )
-        ce = self.task_ce(logits, inp.batch["label"])
-        metrics = {f"{player}/ce": ce, f"{player}/acc": self.task_acc(logits, inp.batch["label"])}
-        return ce, {"metrics": metrics, "model_state": {player: new} if new else {}}
+        ce = self.task_ce(logits, y)
+        metrics = {"ce": ce, "acc": self.task_acc(logits, y)}
+        return ce, engine.Out(metrics=metrics, model_state={player: new} if new else {})
+
+    def supervised_loss(self, params, inp, images, labels):
+        """L_task(f_T, images, labels): what the feature stage's baselines minimise."""
+        return self._supervised(params, inp, "f_T", images, labels)
 
     # stage 0
     def pretrain_loss(self, params, inp: engine.PhaseInputs):
         """L_task(f_S, X_S, Y_S)."""
-        return self._supervised(params, inp, "f_S", inp.batch["source"])
+        ce, out = self._supervised(params, inp, "f_S", inp.batch["source"], inp.batch["label"])
+        return ce, out.replace(metrics={f"f_S/{k}": v for k, v in out.metrics.items()})
 
     # stage 1
     @staticmethod
@@ -457,8 +472,8 @@ class CyCADA(engine.Method):
         loss, aux = self.cyclegan.generator_loss(
             self._cyclegan_params(params), self._cyclegan_inputs(inp)
         )
-        cg = aux["metrics"]
-        fake_t, fake_s = aux["carry"]["fake_B"], aux["carry"]["fake_A"]  # G_st(x_s), G_ts(x_t)
+        cg = aux.metrics
+        fake_t, fake_s = aux.carry["fake_B"], aux.carry["fake_A"]  # G_st(x_s), G_ts(x_t)
         loss += (cfg.adv_weight_st - 1.0) * cg["G/adv_AtoB"]
 
         f_s = inp.extra["f_S"]
@@ -484,23 +499,17 @@ class CyCADA(engine.Method):
         }
         if "G/identity_A" in cg:
             metrics.update({"G/identity_s": cg["G/identity_A"], "G/identity_t": cg["G/identity_B"]})
-        return loss, {"metrics": metrics, "carry": aux["carry"]}
+        return loss, engine.Out(metrics=metrics, carry=aux.carry)
 
     def pixel_discriminator_loss(self, params, inp: engine.PhaseInputs):
         """CycleGAN's discriminator loss on the pooled fakes of the G phase."""
         loss, aux = self.cyclegan.discriminator_loss(
             self._cyclegan_params(params), self._cyclegan_inputs(inp)
         )
-        m = aux["metrics"]
-        return loss, {"metrics": {"D_s/adv": m["D/A"], "D_t/adv": m["D/B"]}, "extra": aux["extra"]}
+        m = aux.metrics
+        return loss, engine.Out(metrics={"D_s/adv": m["D/A"], "D_t/adv": m["D/B"]}, extra=aux.extra)
 
     # stage 2
-    def translated_source(self, inp: engine.PhaseInputs):
-        """``G_st(x_s)`` from the frozen pixel-stage generator (made once per step)."""
-        if "x_st" in inp.carry:
-            return inp.carry["x_st"]
-        return jax.lax.stop_gradient(self.translate(inp.extra["G_st"], inp.batch["source"]))
-
     def _f_T_both(self, params, inp, x_st):
         """f_T on ``[x_st; x_t]`` in one batch: (logits_s, logits_t, phi_s, phi_t, stats)."""
         n = x_st.shape[0]
@@ -514,8 +523,7 @@ class CyCADA(engine.Method):
     def feature_discriminator_loss(self, params, inp: engine.PhaseInputs):
         """D_feat: translated-source representations are 'real', target ones 'fake'."""
         cfg = self.config.loss
-        x_st = self.translated_source(inp)
-        _, _, phi_s, phi_t, _ = self._f_T_both(params, inp, x_st)
+        _, _, phi_s, phi_t, _ = self._f_T_both(params, inp, inp.draws["x_st"])
         real = self.D_feat.apply({"params": params["D_feat"]}, jax.lax.stop_gradient(phi_s))
         fake = self.D_feat.apply({"params": params["D_feat"]}, jax.lax.stop_gradient(phi_t))
         loss = losses.gan_discriminator_loss(
@@ -528,12 +536,12 @@ class CyCADA(engine.Method):
             # Domain accuracy of D_feat (the reference's ADDA logs and gates on it).
             "D_feat/acc": 0.5 * (jnp.mean(real > 0) + jnp.mean(fake <= 0)),
         }
-        return loss, {"metrics": metrics, "carry": {"x_st": x_st}}
+        return loss, engine.Out(metrics=metrics)
 
     def feature_task_loss(self, params, inp: engine.PhaseInputs):
         """f_T: task loss on translated source + feature-level generator loss on the target."""
         cfg, y = self.config.loss, inp.batch["label"]
-        logits_s, _, _, phi_t, new = self._f_T_both(params, inp, self.translated_source(inp))
+        logits_s, _, _, phi_t, new = self._f_T_both(params, inp, inp.draws["x_st"])
         ce = self.task_ce(logits_s, y)
         adv = losses.gan_generator_loss(
             fake_logits=self.D_feat.apply({"params": params["D_feat"]}, phi_t),
@@ -541,15 +549,7 @@ class CyCADA(engine.Method):
         )
         metrics = {"f_T/ce": ce, "f_T/adv": adv, "f_T/acc": self.task_acc(logits_s, y)}
         loss = cfg.task_weight * ce + cfg.feature_weight * adv
-        return loss, {"metrics": metrics, "model_state": {"f_T": new} if new else {}}
-
-    def pixel_only_loss(self, params, inp: engine.PhaseInputs):
-        """Baseline T_pix: CE on translated source only (pixel-level adaptation alone)."""
-        return self._supervised(params, inp, "T_pix", self.translated_source(inp))
-
-    def source_only_loss(self, params, inp: engine.PhaseInputs):
-        """Baseline T_src: CE on the source images only (no adaptation)."""
-        return self._supervised(params, inp, "T_src", inp.batch["source"])
+        return loss, engine.Out(metrics=metrics, model_state={"f_T": new} if new else {})
 
     # --- evaluation ---------------------------------------------------------------
     def _eval_networks(self, state):

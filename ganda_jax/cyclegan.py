@@ -149,7 +149,7 @@ class CycleGAN(translation_eval.TranslationEvalMixin, engine.Method):
             idt_a = losses.identity_loss(real=a, same=idt_a, distance=cfg.cycle_distance)
             loss += cfg.lambda_identity * (cfg.lambda_B * idt_b + cfg.lambda_A * idt_a)
             metrics.update({"G/identity_A": idt_a, "G/identity_B": idt_b})
-        return loss, {"metrics": metrics, "carry": {"fake_A": fake_a, "fake_B": fake_b}}
+        return loss, engine.Out(metrics=metrics, carry={"fake_A": fake_a, "fake_B": fake_b})
 
     def discriminator_loss(self, params, inp: engine.PhaseInputs):
         cfg, ex = self.config.loss, inp.extra
@@ -187,7 +187,7 @@ class CycleGAN(translation_eval.TranslationEvalMixin, engine.Method):
             "pool_count_A": count_a,
             "pool_count_B": count_b,
         }
-        return loss_a + loss_b, {"metrics": {"D/A": loss_a, "D/B": loss_b}, "extra": extra}
+        return loss_a + loss_b, engine.Out(metrics={"D/A": loss_a, "D/B": loss_b}, extra=extra)
 
 
 def _split(x, n):

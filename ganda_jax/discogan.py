@@ -419,7 +419,7 @@ class DiscoGAN(translation_eval.TranslationEvalMixin, engine.Method):
             pix_ba = _distance(cfg.pixel_distance, fake_a, a)
             loss += cfg.lambda_pixel * (pix_ab + pix_ba)
             metrics.update({"G/pixel_AtoB": pix_ab, "G/pixel_BtoA": pix_ba})
-        return loss, {"metrics": metrics, "carry": {"fake_A": fake_a, "fake_B": fake_b}}
+        return loss, engine.Out(metrics=metrics, carry={"fake_A": fake_a, "fake_B": fake_b})
 
     def discriminator_loss(self, params, inp: engine.PhaseInputs):
         cfg = self.config.loss
@@ -434,4 +434,4 @@ class DiscoGAN(translation_eval.TranslationEvalMixin, engine.Method):
             fake_logits=D("D_B", inp.carry["fake_B"]),
             loss_type=cfg.gan,
         )
-        return loss_a + loss_b, {"metrics": {"D/A": loss_a, "D/B": loss_b}}
+        return loss_a + loss_b, engine.Out(metrics={"D/A": loss_a, "D/B": loss_b})

@@ -15,9 +15,17 @@ and their optimizer sub-states exactly as they were; XLA then drops the unused
 computations.
 
 Phases run in order and each sees the parameters produced by the phases before
-it. A phase can pass values to later phases through ``carry`` (gradients are
-stopped), which is how CycleGAN's D phase receives the fakes that the
-generators made *before* their update, exactly like the official code.
+it. A phase returns ``(loss, Out(...))``: its logged metrics, values for later
+phases (``carry``, gradients stopped: how CycleGAN's D phase receives the fakes
+that the generators made *before* their update, exactly like the official code),
+and new player state / method buffers. Values every phase of a step shares (the
+step's noise, in-painting holes) are made once by ``Method.step_inputs`` and seen
+as ``PhaseInputs.draws``.
+
+A :class:`Baseline` (source-only, target oracle, supervised-only) is declared as
+copies of the method's players; the engine adds the copies as players and a phase
+that trains them on the method's own ``supervised_loss``, so a method file holds
+only the paper's networks, losses and update order.
 """
 
 from __future__ import annotations
@@ -60,14 +68,23 @@ class PhaseInputs(NamedTuple):
     model_state: dict[str, PyTree]
     extra: dict[str, PyTree]
     carry: dict[str, Any]  # values returned by earlier phases of this step
+    draws: dict[str, Any]  # Method.step_inputs: values shared by this step's phases
 
 
-# A phase loss returns ``(loss, aux)``; aux is a dict with any of:
-#   'metrics': {name: scalar}     logged
-#   'carry': {name: array}        passed to later phases (gradient stopped)
-#   'model_state': {player: ...}  replaces those players' non-trainable state
-#   'extra': {name: ...}          replaces those method buffers
-LossFn = Callable[[dict[str, Params], PhaseInputs], tuple[jax.Array, dict[str, Any]]]
+_empty = functools.partial(flax.struct.field, default_factory=dict)
+
+
+@flax.struct.dataclass
+class Out:
+    """What a phase's loss returns next to the loss: ``return loss, Out(metrics=...)``."""
+
+    metrics: dict[str, jax.Array] = _empty()  # logged
+    carry: dict[str, Any] = _empty()  # passed to later phases of this step (gradient stopped)
+    model_state: dict[str, PyTree] = _empty()  # replaces those players' non-trainable state
+    extra: dict[str, PyTree] = _empty()  # replaces those method buffers
+
+
+LossFn = Callable[[dict[str, Params], PhaseInputs], tuple[jax.Array, Out]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,15 +96,79 @@ class Phase:
     loss_fn: LossFn
 
 
-class Method:
-    """Base class of a method (one per file: ``ganda_jax/<method>.py``).
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """A comparison network trained next to the method, declared as a copy of its players.
 
-    Subclasses define ``name``, ``players`` (player -> optimizer block name in
-    ``config.optimizer``), and implement ``train_streams``, ``init``,
-    ``prepare``, ``phases``; ``evaluate``, ``samples`` and ``warm_start`` are optional hooks.
-    A multi-stage method may also define a classmethod
-    ``stage_configs(config, workdir) -> [(stage_name, stage_config)]``: the trainer then
-    trains the stages in order, each in ``workdir/<stage_name>``.
+    The engine adds the copies as players (the originals' initial weights and optimizer
+    blocks), and a phase ``name`` after the method's that minimises the method's own
+    ``supervised_loss`` on ``inputs`` (batch or draw keys of images and labels) with the
+    copies in the originals' place. ``oracle``: a *target oracle* (trained on target labels:
+    an upper bound the method never uses), skipped with ``config.train_oracle=False``; all
+    baselines are skipped with ``config.train_baselines=False``, and their ``metrics`` (eval
+    name prefixes) then dropped.
+    """
+
+    name: str
+    copies: Mapping[str, str]  # new player -> the method's player it copies
+    inputs: tuple[str, str] = ("source", "label")
+    oracle: bool = False
+    metrics: tuple[str, ...] = ()
+
+
+#: The eval metrics of a target oracle.
+ORACLE_METRICS = ("eval/oracle_", "eval/gap_closed")
+
+
+def source_only(*copies: str, name: str = "source_only") -> Baseline:
+    """The source-only baseline: ``copies`` are ``'<player>_src'`` of each named player."""
+    return Baseline(
+        name,
+        {f"{p}_src": p for p in copies},
+        metrics=("eval/source_only_", "eval/adaptation_gain"),
+    )
+
+
+def target_oracle(*copies: str) -> Baseline:
+    """The target oracle: ``'<player>_oracle'`` copies trained on labelled target images
+    (the data's ``target_labeled`` stream, which :func:`adaptation_batch` prepares)."""
+    return Baseline(
+        "oracle",
+        {f"{p}_oracle": p for p in copies},
+        inputs=("oracle_image", "oracle_label"),
+        oracle=True,
+        metrics=ORACLE_METRICS,
+    )
+
+
+def apply(module, params, model_state, player: str, *args, train=None, rng=None, **kwargs):
+    """``(output, player's model state after the call)``: ``module`` with ``player``'s
+    parameters and non-trainable collections (e.g. BatchNorm statistics). ``train=True``
+    updates those collections (batch statistics); ``train`` is passed on unless None;
+    ``rng`` is the dropout key."""
+    state = model_state.get(player, {})
+    variables = {"params": params[player], **state}
+    if train is not None:
+        kwargs["train"] = train
+    if rng is not None:
+        kwargs["rngs"] = {"dropout": rng}
+    if train and state:
+        out, new = module.apply(variables, *args, mutable=list(state), **kwargs)
+        return out, dict(new)
+    return module.apply(variables, *args, **kwargs), state
+
+
+class Method:
+    """Base class of a method (one per file).
+
+    A method declares ``name``, ``players`` (player -> optimizer block name in
+    ``config.optimizer``), ``data_task`` and its ``baselines``, and implements ``init``
+    (its own players' initial parameters), ``phases`` (the paper's update order) and
+    ``supervised_loss`` (when it has baselines); ``prepare``, ``step_inputs``,
+    ``evaluate``, ``samples`` and ``warm_start`` are optional hooks. A multi-stage method
+    may also define a classmethod ``stage_configs(config, workdir) -> [(stage_name,
+    stage_config)]``: the trainer then trains the stages in order, each in
+    ``workdir/<stage_name>``.
     """
 
     name: str = ""
@@ -95,16 +176,8 @@ class Method:
     # Phases whose loss is a discriminator's: a value near zero for long means D wins
     # outright (mode-collapse hint, see config.divergence).
     discriminator_phases: tuple[str, ...] = ("D",)
-    # Phases that train a comparison baseline next to the method (a source-only classifier,
-    # ...), and the eval metrics (name prefixes) that report it. ``config.train_baselines =
-    # False`` skips those phases (their players keep their initial weights, the other phases
-    # keep their RNG keys, so the method trains exactly as with them) and drops those metrics.
-    baseline_phases: tuple[str, ...] = ()
-    baseline_metrics: tuple[str, ...] = ()
-    # Phases that train a *target oracle* (the task network on target labels: an upper
-    # bound, never used by the method), fed by the data's ``target_labeled`` stream. They
-    # are baselines too; ``config.train_oracle = False`` skips them alone.
-    oracle_phases: tuple[str, ...] = ()
+    # Comparison networks trained in the same step (source-only, target oracle, ...).
+    baselines: tuple[Baseline, ...] = ()
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -135,12 +208,26 @@ class Method:
         """Device-side preprocessing inside the jitted step (e.g. uint8 -> [-1, 1])."""
         return batch
 
+    def step_inputs(self, rng: jax.Array, batch: PyTree, extra: dict) -> dict[str, Any]:
+        """Values made once per step and shared by its phases (noise, holes, the output of a
+        frozen network in ``extra``), as ``PhaseInputs.draws``; gradients do not flow.
+
+        ``rng`` is the first phase's key: a first phase that needs randomness of its own
+        takes it from a split of ``inp.rng`` that this hook does not use."""
+        return {}
+
     # --- model ------------------------------------------------------------
     def init(self, rng: jax.Array, batch: PyTree) -> tuple[dict, dict, dict]:
         """Returns ``(params, model_state, extra)`` for a prepared batch."""
         raise NotImplementedError
 
     def phases(self) -> Sequence[Phase]:
+        """The method's updates in the paper's order (the engine appends the baselines')."""
+        raise NotImplementedError
+
+    def supervised_loss(self, params, inp: PhaseInputs, images, labels) -> tuple[jax.Array, Out]:
+        """The task network's supervised loss, in the method's own player names: what every
+        :class:`Baseline` minimises on its copies (metrics are prefixed by the baseline's name)."""
         raise NotImplementedError
 
     # --- hooks run by the trainer --------------------------------------------
@@ -213,7 +300,7 @@ def make_optimizer(method: Method) -> optax.GradientTransformation:
     """One multi-transform over all players; player p uses config.optimizer[players[p]]."""
     cfg = method.config
     transforms = {}
-    for player, group in method.players.items():
+    for player, group in players(method).items():
         if group not in cfg.optimizer:
             raise ValueError(
                 f"config.optimizer has no block {group!r} (needed by player {player!r}); "
@@ -232,8 +319,8 @@ def learning_rates(method: Method, step: int) -> dict[str, float]:
     """Current learning rate of each optimizer block that trains (for logging)."""
     cfg = method.config
     trained = {p for _, ph in training_phases(method) for p in ph.players}
-    idle = {p for ph in method.phases() for p in ph.players} - trained  # untrained baselines
-    groups = sorted({g for p, g in method.players.items() if p not in idle})
+    idle = {p for ph in phases(method) for p in ph.players} - trained  # untrained baselines
+    groups = sorted({g for p, g in players(method).items() if p not in idle})
     return {
         f"lr/{g}": float(make_schedule(cfg.optimizer[g], cfg.num_train_steps)(step)) for g in groups
     }
@@ -277,6 +364,7 @@ def init_state(
     """Initial state from a raw (host-format) global batch; jit it with out_shardings."""
     init_rng, state_rng = jax.random.split(rng)
     params, model_state, extra = method.init(init_rng, method.prepare(batch))
+    params, model_state = with_copies(method, params, model_state)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -285,6 +373,18 @@ def init_state(
         extra=extra,
         rng=state_rng,
     )
+
+
+def with_copies(method: Method, params: dict, model_state: dict) -> tuple[dict, dict]:
+    """``method.init``'s parameters and state with each baseline's copies added, equal to their
+    originals: the same initial weights, so a baseline differs only by what it trains on."""
+    params, model_state = dict(params), dict(model_state)
+    for b in method.baselines:
+        for copy, orig in b.copies.items():
+            params[copy] = params[orig]
+            if orig in model_state:
+                model_state[copy] = model_state[orig]
+    return params, model_state
 
 
 def all_finite(tree: PyTree) -> jax.Array:
@@ -314,38 +414,92 @@ def adaptation_batch(batch: PyTree) -> dict:
     return out
 
 
-#: The eval metrics of a target oracle (``oracle_phases``).
-ORACLE_METRICS = ("eval/oracle_", "eval/gap_closed")
+def players(method: Method) -> dict[str, str]:
+    """Every player of a run (the method's and its baselines' copies) -> optimizer block;
+    a copy trains with its original's block: identical settings by construction."""
+    out = dict(method.players)
+    for b in method.baselines:
+        out.update({copy: method.players[orig] for copy, orig in b.copies.items()})
+    return out
+
+
+def phases(method: Method) -> list[Phase]:
+    """The method's phases, then one per baseline (:func:`baseline_phase`)."""
+    return [*method.phases(), *(baseline_phase(method, b) for b in method.baselines)]
+
+
+def baseline_phase(method: Method, baseline: Baseline) -> Phase:
+    """``method.supervised_loss`` on ``baseline.inputs``, with the copies in the originals'
+    place (parameters and model state); metrics prefixed by the baseline's name."""
+    renamed = lambda tree: {  # noqa: E731
+        **tree,
+        **{orig: tree[c] for c, orig in baseline.copies.items() if c in tree},
+    }
+
+    def loss_fn(params, inp: PhaseInputs):
+        sources = {**inp.batch, **inp.draws}
+        images, labels = (sources[k] for k in baseline.inputs)
+        inp = inp._replace(model_state=renamed(inp.model_state))
+        loss, out = method.supervised_loss(renamed(params), inp, images, labels)
+        back = {c: out.model_state[o] for c, o in baseline.copies.items() if o in out.model_state}
+        metrics = {f"{baseline.name}/{k}": v for k, v in out.metrics.items()}
+        return loss, Out(metrics=metrics, model_state=back)
+
+    return Phase(baseline.name, tuple(baseline.copies), loss_fn)
+
+
+def copy_params(params: dict, baseline: Baseline) -> dict:
+    """``params`` with ``baseline``'s copies in the originals' place (to evaluate it with the
+    method's own functions)."""
+    return {**params, **{orig: params[c] for c, orig in baseline.copies.items()}}
 
 
 def trains_oracle(method: Method) -> bool:
     """Whether the method's target oracle trains (it has one; baselines and oracle are on)."""
     cfg = method.config
-    return bool(method.oracle_phases) and bool(
+    return any(b.oracle for b in method.baselines) and bool(
         cfg.get("train_baselines", True) and cfg.get("train_oracle", True)
     )
 
 
+def _skipped(method: Method) -> list[Baseline]:
+    if not method.config.get("train_baselines", True):
+        return list(method.baselines)
+    return [b for b in method.baselines if b.oracle and not trains_oracle(method)]
+
+
 def training_phases(method: Method) -> list[tuple[int, Phase]]:
-    """``(index, phase)`` of the phases a step runs: all of ``method.phases()``, less its
-    ``baseline_phases`` when ``config.train_baselines`` is False and its ``oracle_phases``
-    when the oracle does not train. The index (which keys the phase's RNG) is the phase's
-    place in the full list either way."""
-    skip = set() if method.config.get("train_baselines", True) else set(method.baseline_phases)
-    if not trains_oracle(method):
-        skip |= set(method.oracle_phases)
-    return [(i, ph) for i, ph in enumerate(method.phases()) if ph.name not in skip]
+    """``(index, phase)`` of the phases a step runs: all of :func:`phases`, less the
+    baselines' when ``config.train_baselines`` is False and the oracle's when
+    ``config.train_oracle`` is False. The index (which keys the phase's RNG) is the phase's
+    place in the full list either way, so the method trains exactly as with them."""
+    skip = {b.name for b in _skipped(method)}
+    return [(i, ph) for i, ph in enumerate(phases(method)) if ph.name not in skip]
 
 
 def without_baseline_metrics(method: Method, metrics: dict) -> dict:
-    """``metrics`` less those of the baselines and the oracle that are not trained (their
-    players would report their untrained initial weights)."""
-    drop = () if method.config.get("train_baselines", True) else tuple(method.baseline_metrics)
-    if method.oracle_phases and not trains_oracle(method):
-        drop += ORACLE_METRICS
+    """``metrics`` less those of the baselines that are not trained (their players would
+    report their untrained initial weights)."""
+    drop = tuple(m for b in _skipped(method) for m in b.metrics)
     if not drop:
         return metrics
     return {k: v for k, v in metrics.items() if not k.startswith(drop)}
+
+
+def make_inputs(method: Method, batch: PyTree, state: TrainState, rng: jax.Array, carry=None):
+    """The :class:`PhaseInputs` of a step's first phase: ``batch`` prepared, ``rng`` its key,
+    the step's ``draws`` made from it (``method.step_inputs``). :func:`make_train_step` builds
+    every phase's inputs from these; tests and tools use it to run a phase on its own."""
+    draws = jax.lax.stop_gradient(method.step_inputs(rng, batch, state.extra))
+    return PhaseInputs(
+        batch=batch,
+        rng=rng,
+        step=state.step,
+        model_state=state.model_state,
+        extra=state.extra,
+        carry=carry or {},
+        draws=draws,
+    )
 
 
 def phase_loss(phase: Phase, params: dict, inputs: PhaseInputs) -> Callable:
@@ -364,9 +518,10 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, *, guard: 
     wrong (``guard/skipped``, ``guard/loss/<phase>``, ``guard/params/<player>``:
     1.0 where non-finite) for the trainer to act on.
     """
-    phases = training_phases(method)
-    for _, ph in phases:
-        unknown = set(ph.players) - set(method.players)
+    step_phases = training_phases(method)
+    known = players(method)
+    for _, ph in step_phases:
+        unknown = set(ph.players) - set(known)
         if unknown:
             raise ValueError(f"phase {ph.name!r} updates unknown players {sorted(unknown)}")
 
@@ -377,11 +532,10 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, *, guard: 
         model_state, extra = state.model_state, state.extra
         carry: dict[str, Any] = {}
         metrics: dict[str, jax.Array] = {}
-        for i, phase in phases:
-            inputs = PhaseInputs(
-                batch=batch,
+        first = make_inputs(method, batch, state, jax.random.fold_in(step_rng, 0))
+        for i, phase in step_phases:
+            inputs = first._replace(
                 rng=jax.random.fold_in(step_rng, i),
-                step=state.step,
                 model_state=model_state,
                 extra=extra,
                 carry=carry,
@@ -391,11 +545,13 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, *, guard: 
             loss_wrt = phase_loss(phase, params, inputs)
             (loss, aux), grads = jax.value_and_grad(loss_wrt, has_aux=True)(trainable)
             params, opt_state = apply_phase_update(tx, params, opt_state, grads, phase.players)
-            model_state = {**model_state, **aux.get("model_state", {})}
-            extra = {**extra, **aux.get("extra", {})}
-            carry = {**carry, **jax.lax.stop_gradient(aux.get("carry", {}))}
+            if not isinstance(aux, Out):
+                raise TypeError(f"phase {phase.name!r} must return (loss, engine.Out(...))")
+            model_state = {**model_state, **aux.model_state}
+            extra = {**extra, **aux.extra}
+            carry = {**carry, **jax.lax.stop_gradient(aux.carry)}
             metrics[f"loss/{phase.name}"] = loss.astype(jnp.float32)
-            metrics.update(aux.get("metrics", {}))
+            metrics.update(aux.metrics)
         new_state = state.replace(
             step=state.step + 1,
             params=params,
@@ -405,7 +561,7 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, *, guard: 
         )
         if guard:
             new_state, metrics = _guard_nonfinite(
-                state, new_state, metrics, [ph for _, ph in phases]
+                state, new_state, metrics, [ph for _, ph in step_phases]
             )
         return new_state, metrics
 

@@ -28,13 +28,13 @@ reference code's defaults (main.py: ``--adv_weight 0.1``, ``--alpha 0.3``, so th
 target adversarial term weighs 0.03); D and G terms have weight 1 there.
 
 One iteration runs the phases **D, G, C, F** in that order (as the reference),
-then ``src_only``. Each phase recomputes what it needs from the parameters the
+then the baselines'. Each phase recomputes what it needs from the parameters the
 phases before it produced: ``G`` is trained against the updated ``D``; ``F`` is
 trained through the updated ``C``, ``G`` and ``D``. Only the noise ``z, z'`` is
-drawn once per step (in the D phase) and handed to later phases through
-``carry``, so all phases see the same samples, as in the reference.
+drawn once per step (``step_inputs``) and shared by the phases, so all phases see the
+same samples, as in the reference.
 
-``src_only`` updates ``F_src`` and ``C_src``: the same architecture and the
+Baselines: ``source_only`` updates ``F_src`` and ``C_src``: the same architecture and the
 same initial weights as ``F`` and ``C``, the same batches, steps and optimizer
 blocks, trained on ``CE(C_src(F_src(x_s)), y_s)`` only (the reference's
 ``Sourceonly`` trainer, run here in the same job). ``eval/target_accuracy``
@@ -64,8 +64,7 @@ main.py, trainer.py, models.py, eval.py; utils.py is not in the store, so its
   forward pass with the current parameters (the reference's G and F phases
   re-run ``netD`` likewise). The reference's ``netG`` draws its noise inside
   ``forward``, once per step for source and once for target, and reuses those
-  images in all phases; here the D phase draws ``z, z'`` and later phases reuse
-  them through ``carry``.
+  images in all phases; here ``step_inputs`` draws ``z, z'`` for all phases.
 - The reference's D ends its real/fake head with ``nn.Sigmoid`` and uses
   ``nn.BCELoss``; here the head returns a logit and the loss is the same BCE
   computed on logits (:func:`ganda_jax.losses.sigmoid_bce`, stable for large
@@ -198,23 +197,11 @@ class Discriminator(nn.Module):
         return data.astype(jnp.float32), cls.astype(jnp.float32)
 
 
-class GTA(engine.Method):
+class GTA(classify_eval.AdaptationEval, engine.Method):
     name = "gta"
     data_task = "classify"
-    # The baseline uses the F and C optimizer blocks: identical settings by construction.
-    players: ClassVar[dict[str, str]] = {
-        "F": "F",
-        "C": "C",
-        "G": "G",
-        "D": "D",
-        "F_src": "F",
-        "C_src": "C",
-        "F_oracle": "F",
-        "C_oracle": "C",
-    }
-    baseline_phases = ("src_only",)
-    oracle_phases = ("oracle",)
-    baseline_metrics = ("eval/source_only_", "eval/adaptation_gain")
+    players: ClassVar[dict[str, str]] = {"F": "F", "C": "C", "G": "G", "D": "D"}
+    baselines = (engine.source_only("F", "C"), engine.target_oracle("F", "C"))
 
     def __init__(self, config):
         super().__init__(config)
@@ -232,6 +219,12 @@ class GTA(engine.Method):
 
     # --- data -----------------------------------------------------------------
     prepare = staticmethod(engine.adaptation_batch)
+
+    def step_inputs(self, rng, batch, extra):
+        # The noise z (source) and z' (target) of this step, shared by the D, G and F phases.
+        n = batch["source"].shape[0]
+        z_s, z_t = self.noise(rng, 2 * n).reshape(2, n, self.config.model.nz)
+        return {"z_s": z_s, "z_t": z_t}
 
     # --- model ----------------------------------------------------------------
     def init(self, rng, batch):
@@ -251,16 +244,7 @@ class GTA(engine.Method):
         )
         g = self.G.init(k_g, code, train=False)
         d = self.D.init(k_d, x, train=False)
-        params = {
-            "F": f,
-            "C": c,
-            "G": g["params"],
-            "D": d["params"],
-            "F_src": f,  # the same initial weights: the baseline differs only by adaptation
-            "C_src": c,
-            "F_oracle": f,
-            "C_oracle": c,
-        }
+        params = {"F": f, "C": c, "G": g["params"], "D": d["params"]}
         model_state = {
             "G": {"batch_stats": g["batch_stats"]},
             "D": {"batch_stats": d["batch_stats"]},
@@ -280,32 +264,26 @@ class GTA(engine.Method):
     def unknown(self, n: int):
         return jnp.full((n,), self.num_classes, jnp.int32)
 
-    def embed(self, params, x, player: str = "F"):
-        return self.F.apply({"params": params[player]}, x)
+    def embed(self, params, x):
+        return self.F.apply({"params": params["F"]}, x)
 
-    def classify(self, params, x, players: tuple[str, str] = ("F", "C")):
-        f, c = players
-        return self.C.apply({"params": params[c]}, self.embed(params, x, f))
+    def task_logits(self, params, x):
+        return self.C.apply({"params": params["C"]}, self.embed(params, x))
 
     def generate(self, params, model_state, code):
         """``(G(code) float32 with batch statistics, G's updated running statistics)``."""
-        y, new = self.G.apply(
-            {"params": params["G"], **model_state["G"]}, code, train=True, mutable=["batch_stats"]
-        )
-        return y, dict(new)
+        return engine.apply(self.G, params, model_state, "G", code, train=True)
 
     def discriminate(self, params, model_state, x):
         """``(real/fake logits [B], class logits [B, N], D's updated running statistics)``."""
-        (data, cls), new = self.D.apply(
-            {"params": params["D"], **model_state["D"]}, x, train=True, mutable=["batch_stats"]
-        )
-        return data, cls, dict(new)
+        (data, cls), state = engine.apply(self.D, params, model_state, "D", x, train=True)
+        return data, cls, state
 
     def generated_pair(self, params, inp: engine.PhaseInputs, emb_s, emb_t):
         """G's source and target images from embeddings, with this step's noise."""
         b, ms = inp.batch, inp.model_state
-        code_s = self.code(inp.carry["z_s"], emb_s, b["label"])
-        code_t = self.code(inp.carry["z_t"], emb_t, self.unknown(len(b["target"])))
+        code_s = self.code(inp.draws["z_s"], emb_s, b["label"])
+        code_t = self.code(inp.draws["z_t"], emb_t, self.unknown(len(b["target"])))
         return self.generate(params, ms, code_s)[0], self.generate(params, ms, code_t)[0]
 
     def phases(self):
@@ -314,16 +292,10 @@ class GTA(engine.Method):
             engine.Phase("G", ("G",), self.generator_loss),
             engine.Phase("C", ("C",), self.classifier_loss),
             engine.Phase("F", ("F",), self.embedding_loss),
-            engine.Phase("src_only", ("F_src", "C_src"), self.source_only_loss),
-            engine.Phase("oracle", ("F_oracle", "C_oracle"), self.oracle_loss),
         )
 
     def discriminator_loss(self, params, inp: engine.PhaseInputs):
         b, ms = inp.batch, inp.model_state
-        z_s, z_t = self.noise(inp.rng, 2 * b["source"].shape[0]).reshape(
-            2, -1, self.config.model.nz
-        )
-        inp = inp._replace(carry={"z_s": z_s, "z_t": z_t})
         emb_s, emb_t = self.embed(params, b["source"]), self.embed(params, b["target"])
         gen_s, gen_t = self.generated_pair(params, inp, emb_s, emb_t)
         real, real_cls, d_state = self.discriminate(params, ms, b["source"])
@@ -341,11 +313,11 @@ class GTA(engine.Method):
             "D/data_fake_tgt": data_fake_t,
             "D/cls_real_acc": losses.accuracy(logits=real_cls, labels=b["label"]),
         }
-        return loss, {"metrics": metrics, "carry": inp.carry, "model_state": {"D": d_state}}
+        return loss, engine.Out(metrics=metrics, model_state={"D": d_state})
 
     def generator_loss(self, params, inp: engine.PhaseInputs):
         b, ms = inp.batch, inp.model_state
-        code_s = self.code(inp.carry["z_s"], self.embed(params, b["source"]), b["label"])
+        code_s = self.code(inp.draws["z_s"], self.embed(params, b["source"]), b["label"])
         gen_s, g_state = self.generate(params, ms, code_s)
         data, cls, _ = self.discriminate(params, ms, gen_s)
         adv = losses.sigmoid_bce(logits=data, labels=1.0)
@@ -355,14 +327,14 @@ class GTA(engine.Method):
             "G/cls": cls_ce,
             "G/cls_acc": losses.accuracy(logits=cls, labels=b["label"]),
         }
-        return adv + cls_ce, {"metrics": metrics, "model_state": {"G": g_state}}
+        return adv + cls_ce, engine.Out(metrics=metrics, model_state={"G": g_state})
 
     def classifier_loss(self, params, inp: engine.PhaseInputs):
         b = inp.batch
-        logits = self.classify(params, b["source"])
+        logits = self.task_logits(params, b["source"])
         ce = losses.softmax_cross_entropy(logits=logits, labels=b["label"])
         acc = losses.accuracy(logits=logits, labels=b["label"])
-        return ce, {"metrics": {"C/source_ce": ce, "C/source_acc": acc}}
+        return ce, engine.Out(metrics={"C/source_ce": ce, "C/source_acc": acc})
 
     def embedding_loss(self, params, inp: engine.PhaseInputs):
         cfg, b, ms = self.config.loss, inp.batch, inp.model_state
@@ -378,49 +350,15 @@ class GTA(engine.Method):
         a = cfg.adv_weight
         loss = ce + a * cls_src + a * cfg.target_adv_factor * adv_tgt
         metrics = {"F/source_ce": ce, "F/cls_src": cls_src, "F/adv_tgt": adv_tgt}
-        return loss, {"metrics": metrics}
+        return loss, engine.Out(metrics=metrics)
 
-    def source_only_loss(self, params, inp: engine.PhaseInputs):
-        b = inp.batch
-        return self._supervised(
-            params, ("F_src", "C_src"), b["source"], b["label"], "src_only/source"
-        )
+    def supervised_loss(self, params, inp, images, labels):
+        logits = self.task_logits(params, images)
+        ce = losses.softmax_cross_entropy(logits=logits, labels=labels)
+        acc = losses.accuracy(logits=logits, labels=labels)
+        return ce, engine.Out(metrics={"ce": ce, "acc": acc})
 
-    def oracle_loss(self, params, inp: engine.PhaseInputs):
-        """The target oracle: F and C's architecture on labelled *target* images (a bound)."""
-        b = inp.batch
-        x, y = b["oracle_image"], b["oracle_label"]
-        return self._supervised(params, ("F_oracle", "C_oracle"), x, y, "oracle/target")
-
-    def _supervised(self, params, players: tuple[str, str], x, y, prefix: str):
-        logits = self.classify(params, x, players)
-        ce = losses.softmax_cross_entropy(logits=logits, labels=y)
-        acc = losses.accuracy(logits=logits, labels=y)
-        return ce, {"metrics": {f"{prefix}_ce": ce, f"{prefix}_acc": acc}}
-
-    # --- evaluation -------------------------------------------------------------
-    @functools.cached_property
-    def _accuracy_fn(self):
-        return classify_eval.make_accuracy_fn(
-            lambda params, x: {
-                "adapted": self.classify(params, x),
-                "source_only": self.classify(params, x, ("F_src", "C_src")),
-                "oracle": self.classify(params, x, ("F_oracle", "C_oracle")),
-            }
-        )
-
-    def evaluate(self, state, mesh):
-        """Accuracy of C(F(.)) (adapted) and C_src(F_src(.)) (source only) on both labelled
-        test splits (:func:`ganda_jax.classify_eval.adaptation_scores`)."""
-        cfg = self.config
-        return classify_eval.adaptation_scores(
-            self._accuracy_fn,
-            {p: state.params[p] for p in ("F", "C", "F_src", "C_src", "F_oracle", "C_oracle")},
-            lambda domain: self.data.test_split(domain),
-            mesh=mesh,
-            batch_size=cfg.eval_batch_size,
-        )
-
+    # --- samples ----------------------------------------------------------------
     @functools.cached_property
     def _generate_fn(self):
         def fn(params, model_state, x, labels, z):

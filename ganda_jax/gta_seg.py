@@ -54,7 +54,7 @@ each phase):
        L_F = CE(C(F(x_s)), y_s) + w_adv_F [CE(D_data(g_s), tgt-real)
            + CE(D_data(g_t), src-real)] + w_aux_F CE(D_cls(g_s), y_s')
 
-4. **source-only phase** (updates ``F_src`` and ``C_src``): the baseline, the
+Baseline ``source_only`` (a phase the engine adds; updates ``F_src`` and ``C_src``): the
    same F + C architecture from the same initial weights, on the same batches
    for the same number of steps with F's optimizer block (the same
    settings by construction), trained on ``CE(C_src(F_src(x_s)), y_s)`` only. The run reports
@@ -291,18 +291,9 @@ class Discriminator(nn.Module):
 class GTASeg(engine.Method):
     name = "gta_seg"
     data_task = "segment"
-    # F, C and the baseline's F_src, C_src share one optimizer block: the baseline's settings
-    # equal the adapted network's by construction, whatever a config override changes.
-    players: ClassVar[dict[str, str]] = {
-        "F": "F",
-        "C": "F",
-        "G": "G",
-        "D": "D",
-        "F_src": "F",
-        "C_src": "F",
-    }
-    baseline_phases = ("src",)
-    baseline_metrics = ("eval/source_only_", "eval/adaptation_gain")
+    # F and C (and the baseline's copies F_src, C_src) share one optimizer block.
+    players: ClassVar[dict[str, str]] = {"F": "F", "C": "F", "G": "G", "D": "D"}
+    baselines = (engine.source_only("F", "C"),)
 
     def __init__(self, config):
         super().__init__(config)
@@ -349,51 +340,35 @@ class GTASeg(engine.Method):
             "C": c,
             "G": self.G.init(k_g, emb, hw, train=False)["params"],
             "D": self.D.init(k_d, x, train=False)["params"],
-            # The baseline starts from the same weights: it differs only by adaptation.
-            "F_src": f,
-            "C_src": c,
         }
         return params, {}, {}
 
-    def embed(self, params, x, *, rng=None, player: str = "F"):
+    @staticmethod
+    def _apply(module, params, player, *args, rng=None):
+        """``module`` of ``player``, in training mode (dropout keys from ``rng``) iff ``rng``."""
         train = rng is not None
-        return self.F.apply(
-            {"params": params[player]},
-            x,
-            train=train,
-            rngs={"dropout": rbg_key(rng)} if train else None,
-        )
+        key = rbg_key(rng) if train else None
+        return engine.apply(module, params, {}, player, *args, train=train, rng=key)[0]
 
-    def segment(self, params, x, *, rng=None, players=("F", "C")):
+    def embed(self, params, x, *, rng=None):
+        return self._apply(self.F, params, "F", x, rng=rng)
+
+    def segment(self, params, x, *, rng=None):
         """Per-pixel float32 logits ``C(F(x))`` (``rng``: training-mode dropout)."""
-        emb = self.embed(params, x, rng=rng, player=players[0])
-        return self.C.apply({"params": params[players[1]]}, emb, x.shape[1:3])
+        emb = self.embed(params, x, rng=rng)
+        return self.C.apply({"params": params["C"]}, emb, x.shape[1:3])
 
     def generate(self, params, embedding, hw, *, rng=None):
-        train = rng is not None
-        return self.G.apply(
-            {"params": params["G"]},
-            embedding,
-            hw,
-            train=train,
-            rngs={"dropout": rbg_key(rng)} if train else None,
-        )
+        return self._apply(self.G, params, "G", embedding, hw, rng=rng)
 
     def discriminate(self, params, x, *, rng=None):
-        train = rng is not None
-        return self.D.apply(
-            {"params": params["D"]},
-            x,
-            train=train,
-            rngs={"dropout": rbg_key(rng)} if train else None,
-        )
+        return self._apply(self.D, params, "D", x, rng=rng)
 
     def phases(self):
         return (
             engine.Phase("D", ("D",), self.discriminator_loss),
             engine.Phase("G", ("G",), self.generator_loss),
             engine.Phase("F", ("F", "C"), self.embedding_loss),
-            engine.Phase("src", ("F_src", "C_src"), self.source_only_loss),
         )
 
     # Source and target go through F, G and D as one batch: every layer acts per
@@ -442,7 +417,7 @@ class GTASeg(engine.Method):
             logits=dom, labels=jnp.broadcast_to(labels[:, None, None], dom.shape[:-1])
         )
         metrics = {**terms, "D/aux_ce": aux, "D/domain_acc": acc}
-        return loss, {"metrics": metrics}
+        return loss, engine.Out(metrics=metrics)
 
     def generator_loss(self, params, inp: engine.PhaseInputs):
         cfg, b = self.config.loss, inp.batch
@@ -465,7 +440,7 @@ class GTASeg(engine.Method):
             "G/rec_src_l1": rec_src,
             "G/rec_tgt_l1": rec_tgt,
         }
-        return loss, {"metrics": metrics}
+        return loss, engine.Out(metrics=metrics)
 
     def embedding_loss(self, params, inp: engine.PhaseInputs):
         cfg, b = self.config.loss, inp.batch
@@ -491,16 +466,14 @@ class GTASeg(engine.Method):
             "F/adv_tgt_ce": adv_tgt,
             "F/aux_ce": aux,
         }
-        return loss, {"metrics": metrics}
+        return loss, engine.Out(metrics=metrics)
 
-    def source_only_loss(self, params, inp: engine.PhaseInputs):
-        b = inp.batch
-        logits = self.segment(params, b["source"], rng=inp.rng, players=("F_src", "C_src"))
-        ce = self._ce(logits, b["label"])
-        acc = losses.accuracy(logits=logits, labels=b["label"], ignore_index=self.ignore_index)
-        return self.config.loss.seg_weight * ce, {
-            "metrics": {"F_src/seg_ce": ce, "F_src/source_pixel_acc": acc}
-        }
+    def supervised_loss(self, params, inp, images, labels):
+        logits = self.segment(params, images, rng=inp.rng)
+        ce = self._ce(logits, labels)
+        acc = losses.accuracy(logits=logits, labels=labels, ignore_index=self.ignore_index)
+        metrics = {"seg_ce": ce, "source_pixel_acc": acc}
+        return self.config.loss.seg_weight * ce, engine.Out(metrics=metrics)
 
     # --- evaluation -------------------------------------------------------------
     @functools.cached_property
@@ -508,7 +481,7 @@ class GTASeg(engine.Method):
         return seg_eval.make_segment_fn(
             lambda params, x: {
                 "adapted": self.segment(params, x),
-                "source_only": self.segment(params, x, players=("F_src", "C_src")),
+                "source_only": self.segment(engine.copy_params(params, self.baselines[0]), x),
             },
             num_classes=self.num_classes,
             ignore_index=self.ignore_index,
@@ -551,7 +524,7 @@ class GTASeg(engine.Method):
             emb = self.embed(params, x)
             recon = self.generate(params, emb, x.shape[1:3])
             logits = self.C.apply({"params": params["C"]}, emb, x.shape[1:3])
-            logits_src = self.segment(params, x, players=("F_src", "C_src"))
+            logits_src = self.segment(engine.copy_params(params, self.baselines[0]), x)
             return recon, jnp.argmax(logits, -1), jnp.argmax(logits_src, -1)
 
         return jax.jit(fn)

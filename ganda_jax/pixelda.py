@@ -27,16 +27,14 @@ parameters the phases before it produced):
 
    L_GT = w_style BCE(D(G(x_s, z)), 1) + w_task [CE(T(G(x_s, z)), y_s) + CE(T(x_s), y_s)]
 
-3. **T_src phase** (updates ``T_src``): the source-only baseline, a classifier
-   of the same architecture, same initial weights, same batches and number of
-   steps, its own optimizer block, trained on ``CE(T_src(x_s), y_s)`` only. It
-   never sees G, D or the target, so the run measures what adaptation adds:
-   ``eval/target_accuracy`` (T) next to ``eval/source_only_accuracy`` (T_src),
-   both on the held-out labelled target *test* split.
-4. **T_oracle phase** (updates ``T_oracle``): the target oracle, the same classifier
-   trained on labelled *target* training images (the data's ``target_labeled`` stream,
-   which no other phase reads): ``eval/oracle_accuracy`` bounds what adaptation can reach,
-   and ``eval/gap_closed = (target - source_only) / (oracle - source_only)``.
+Baselines (:class:`ganda_jax.engine.Baseline`, phases the engine adds after these two):
+``source_only`` trains a copy ``T_src`` of T (same initial weights, batches, steps and
+optimizer settings) on ``CE(T_src(x_s), y_s)`` only, so ``eval/target_accuracy`` (T) next
+to ``eval/source_only_accuracy`` measures what adaptation adds; ``oracle`` trains
+``T_oracle`` on labelled *target* training images (the data's ``target_labeled`` stream,
+read by no other phase), which bounds what adaptation can reach:
+``eval/gap_closed = (target - source_only) / (oracle - source_only)``. All on the held-out
+labelled target *test* split.
 
 Networks (NHWC, 32x32 digits): G projects ``z`` with a dense layer to
 ``noise_channels`` image-sized maps, concatenates them to ``x_s``, then
@@ -73,7 +71,7 @@ Departures and reference notes:
   PyTorch's default eps 1e-5, not the eps=0.8 slip found in other PyTorch-GAN
   models). G runs on batch statistics in both phases; its running statistics
   are updated once per step, by the G/T phase (returned via
-  ``aux['model_state']``, kept in ``TrainState.model_state['G']``), and used
+  ``engine.Out.model_state``, kept in ``TrainState.model_state['G']``), and used
   for samples.
 - The authors' D is a global one (a stride-1 conv, stride-2 convs down to 4x4,
   BatchNorm, Gaussian noise 0.2 and dropout 0.9 on hidden layers, one logit);
@@ -150,14 +148,11 @@ class Classifier(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype)(y).astype(jnp.float32)
 
 
-class PixelDA(engine.Method):
+class PixelDA(classify_eval.AdaptationEval, engine.Method):
     name = "pixelda"
     data_task = "classify"
-    # The target oracle trains with the source-only baseline's optimizer block.
-    players = {"G": "G", "D": "D", "T": "T", "T_src": "T_src", "T_oracle": "T_src"}
-    baseline_phases = ("T_src",)
-    oracle_phases = ("T_oracle",)
-    baseline_metrics = ("eval/source_only_", "eval/adaptation_gain")
+    players = {"G": "G", "D": "D", "T": "T"}
+    baselines = (engine.source_only("T"), engine.target_oracle("T"))
 
     def __init__(self, config):
         super().__init__(config)
@@ -181,18 +176,20 @@ class PixelDA(engine.Method):
     # --- data -----------------------------------------------------------------
     prepare = staticmethod(engine.adaptation_batch)
 
+    def step_inputs(self, rng, batch, extra):
+        # One z per iteration, shared by both phases: with G unchanged by the D phase, D's
+        # fakes and G/T's forward pass are one computation, which XLA does once.
+        return {"z": self.noise(rng, batch["source"].shape[0])}
+
     # --- model ----------------------------------------------------------------
     def init(self, rng, batch):
         k_g, k_d, k_t = jax.random.split(rng, 3)
         x = batch["source"][:1]
         g = self.G.init(k_g, x, jnp.zeros((1, self.config.model.noise_dim)), train=False)
-        t = self.T.init(k_t, x)["params"]
         params = {
             "G": g["params"],
             "D": self.D.init(k_d, x)["params"],
-            "T": t,
-            "T_src": t,  # the same initial weights: the baseline differs only by adaptation
-            "T_oracle": t,
+            "T": self.T.init(k_t, x)["params"],
         }
         return params, {"G": {"batch_stats": g["batch_stats"]}}, {}
 
@@ -201,14 +198,11 @@ class PixelDA(engine.Method):
 
     def generate(self, params, model_state, x, z, *, train: bool):
         """``(G(x, z) float32, G's new batch stats)``; train=False uses the running averages."""
-        variables = {"params": params["G"], **model_state["G"]}
-        if train:
-            y, new = self.G.apply(variables, x, z, train=True, mutable=["batch_stats"])
-            return y.astype(jnp.float32), dict(new)
-        return self.G.apply(variables, x, z, train=False).astype(jnp.float32), model_state["G"]
+        y, state = engine.apply(self.G, params, model_state, "G", x, z, train=train)
+        return y.astype(jnp.float32), state
 
-    def classify(self, params, x, player: str = "T"):
-        return self.T.apply({"params": params[player]}, x)
+    def task_logits(self, params, x):
+        return self.T.apply({"params": params["T"]}, x)
 
     def discriminate(self, params, x):
         return self.D.apply({"params": params["D"]}, x)
@@ -217,17 +211,12 @@ class PixelDA(engine.Method):
         return (
             engine.Phase("D", ("D",), self.discriminator_loss),
             engine.Phase("GT", ("G", "T"), self.generator_task_loss),
-            engine.Phase("T_src", ("T_src",), self.source_only_loss),
-            engine.Phase("T_oracle", ("T_oracle",), self.oracle_loss),
         )
 
     def discriminator_loss(self, params, inp: engine.PhaseInputs):
         cfg, b = self.config.loss, inp.batch
-        # One z per iteration, reused by the G/T phase: with G unchanged by this phase, D's
-        # fakes and G/T's forward pass are one computation, which XLA does once.
-        z = self.noise(inp.rng, b["source"].shape[0])
         # G's statistics are updated by the G/T phase only (once per step).
-        fake, _ = self.generate(params, inp.model_state, b["source"], z, train=True)
+        fake, _ = self.generate(params, inp.model_state, b["source"], inp.draws["z"], train=True)
         real_logits = self.discriminate(params, b["target"])
         fake_logits = self.discriminate(params, jax.lax.stop_gradient(fake))
         loss_d = losses.gan_discriminator_loss(
@@ -238,18 +227,17 @@ class PixelDA(engine.Method):
             "D/real_logit": jnp.mean(real_logits),
             "D/fake_logit": jnp.mean(fake_logits),
         }
-        return cfg.discriminator_weight * loss_d, {"metrics": metrics, "carry": {"z": z}}
+        return cfg.discriminator_weight * loss_d, engine.Out(metrics=metrics)
 
     def generator_task_loss(self, params, inp: engine.PhaseInputs):
         cfg, b = self.config.loss, inp.batch
         x_s, y_s = b["source"], b["label"]
-        z = inp.carry["z"]  # the D phase's
-        fake, g_state = self.generate(params, inp.model_state, x_s, z, train=True)
+        fake, g_state = self.generate(params, inp.model_state, x_s, inp.draws["z"], train=True)
         style = losses.gan_generator_loss(
             fake_logits=self.discriminate(params, fake), loss_type=cfg.gan
         )
-        logits_src = self.classify(params, x_s)
-        logits_fake = self.classify(params, fake)
+        logits_src = self.task_logits(params, x_s)
+        logits_fake = self.task_logits(params, fake)
         ce_src = losses.softmax_cross_entropy(logits=logits_src, labels=y_s)
         ce_fake = losses.softmax_cross_entropy(logits=logits_fake, labels=y_s)
         loss = cfg.style_weight * style + cfg.task_weight * (ce_src + ce_fake)
@@ -260,46 +248,15 @@ class PixelDA(engine.Method):
             "T/source_acc": losses.accuracy(logits=logits_src, labels=y_s),
             "T/transferred_acc": losses.accuracy(logits=logits_fake, labels=y_s),
         }
-        return loss, {"metrics": metrics, "model_state": {"G": g_state}}
+        return loss, engine.Out(metrics=metrics, model_state={"G": g_state})
 
-    def source_only_loss(self, params, inp: engine.PhaseInputs):
-        b = inp.batch
-        return self._supervised(params, "T_src", b["source"], b["label"], "source")
-
-    def oracle_loss(self, params, inp: engine.PhaseInputs):
-        """The target oracle: T's architecture on labelled *target* images (a bound only)."""
-        b = inp.batch
-        return self._supervised(params, "T_oracle", b["oracle_image"], b["oracle_label"], "target")
-
-    def _supervised(self, params, player: str, x, y, domain: str):
-        logits = self.classify(params, x, player)
-        ce = losses.softmax_cross_entropy(logits=logits, labels=y)
-        acc = losses.accuracy(logits=logits, labels=y)
-        return ce, {"metrics": {f"{player}/{domain}_ce": ce, f"{player}/{domain}_acc": acc}}
+    def supervised_loss(self, params, inp, images, labels):
+        logits = self.task_logits(params, images)
+        ce = losses.softmax_cross_entropy(logits=logits, labels=labels)
+        acc = losses.accuracy(logits=logits, labels=labels)
+        return ce, engine.Out(metrics={"ce": ce, "acc": acc})
 
     # --- evaluation -------------------------------------------------------------
-    @functools.cached_property
-    def _accuracy_fn(self):
-        return classify_eval.make_accuracy_fn(
-            lambda params, x: {
-                "adapted": self.classify(params, x, "T"),
-                "source_only": self.classify(params, x, "T_src"),
-                "oracle": self.classify(params, x, "T_oracle"),
-            }
-        )
-
-    def evaluate(self, state, mesh):
-        """Accuracy of T (adapted) and T_src (source only) on both labelled test splits
-        (:func:`ganda_jax.classify_eval.adaptation_scores`)."""
-        cfg = self.config
-        return classify_eval.adaptation_scores(
-            self._accuracy_fn,
-            {p: state.params[p] for p in ("T", "T_src", "T_oracle")},
-            lambda domain: self.data.test_split(domain),
-            mesh=mesh,
-            batch_size=cfg.eval_batch_size,
-        )
-
     @functools.cached_property
     def _restyle_fn(self):
         return jax.jit(

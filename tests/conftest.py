@@ -70,7 +70,7 @@ def assert_phase_isolated(phase, players, before_params, before_opt, params, opt
 def assert_loss_terms(loss, aux, terms: dict, expected: float, rtol: float = 1e-5):
     """A phase loss's logged terms equal ``terms`` (names and values) and its total
     ``expected`` (both computed by hand from the paper's formula)."""
-    assert set(aux["metrics"]) == set(terms)
+    assert set(aux.metrics) == set(terms)
     for k, v in terms.items():
-        np.testing.assert_allclose(float(aux["metrics"][k]), v, rtol=rtol, err_msg=k)
+        np.testing.assert_allclose(float(aux.metrics[k]), v, rtol=rtol, err_msg=k)
     np.testing.assert_allclose(float(loss), expected, rtol=rtol)

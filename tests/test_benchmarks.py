@@ -26,6 +26,6 @@ def test_throughput_writes_a_row_with_what_the_backward_keeps(tmp_path, monkeypa
     assert row["train_baselines"] is True and row["devices"] == 1 and row["step_time_median_s"] > 0
     assert row["flops_per_step"] > 0 and row["images_per_s"] > 0
     by_phase = row["stored_for_backward_bytes_by_phase"]
-    assert set(by_phase) == {"D", "GT", "T_src", "T_oracle"} and min(by_phase.values()) > 0
+    assert set(by_phase) == {"D", "GT", "source_only", "oracle"} and min(by_phase.values()) > 0
     assert row["stored_for_backward_bytes"] == max(by_phase.values())
-    assert {"loss/D", "loss/GT", "loss/T_src"} <= set(row["first_step_metrics"])
+    assert {"loss/D", "loss/GT", "loss/source_only"} <= set(row["first_step_metrics"])

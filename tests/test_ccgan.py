@@ -47,14 +47,8 @@ def history(run):
 
 
 def _inputs(run, state, step=2):
-    return engine.PhaseInputs(
-        batch=run.method.prepare(run.global_batch(step)),
-        rng=jax.random.PRNGKey(7),
-        step=state.step,
-        model_state=state.model_state,
-        extra=state.extra,
-        carry={},
-    )
+    batch = run.method.prepare(run.global_batch(step))
+    return engine.make_inputs(run.method, batch, state, jax.random.PRNGKey(7))
 
 
 def _softplus(x):
@@ -169,19 +163,19 @@ def test_losses_match_a_hand_computation(run, history):
     @jax.jit
     def compute(params, inp):
         loss_d, aux_d = method.discriminator_loss(params, inp)
-        # The G phase in-fills the D phase's holes (carried), drawn from the D phase's rng.
-        loss_g, aux_g = method.generator_loss(params, inp._replace(carry=aux_d["carry"]))
+        # The G phase in-fills the D phase's holes (the step's draws, from the D phase's rng).
+        loss_g, aux_g = method.generator_loss(params, inp)
         corners = method.holes(jax.random.split(inp.rng)[0], x_u.shape[0])
         filled, out, mask, _ = method.inpaint(
             params, inp.model_state["G"], inp.batch["unlabeled"], corners, train=True
         )
         return {
             "loss_d": loss_d,
-            "m_d": aux_d["metrics"],
+            "m_d": aux_d.metrics,
             "loss_g": loss_g,
-            "m_g": aux_g["metrics"],
+            "m_g": aux_g.metrics,
             "corners": corners,
-            "carried_corners": aux_d["carry"]["corners"],
+            "carried_corners": inp.draws["corners"],
             "filled": filled,
             "out": out,
             "mask": mask,
@@ -221,20 +215,19 @@ def test_baseline_is_the_discriminator_without_unlabelled_data(run, history):
     state = history["after_two"]
     params = {**state.params, "D_sup": state.params["D"]}
     inp = _inputs(run, state)
-    methods = {}
+    methods, baseline = {}, {}
     for w in (0.0, 1.0):
         cfg = _tiny_config()  # a method keeps its config: one each
         cfg.model.dropout_D, cfg.loss.d_adv_weight = 0.0, w
         methods[w] = ccgan.CCGAN(cfg)
+        baseline[w] = {ph.name: ph for ph in engine.phases(methods[w])}["supervised_only"]
 
     @jax.jit
     def gradients(p):
         return {
             w: (
                 jax.grad(lambda d, m=m: m.discriminator_loss({**p, "D": d}, inp)[0])(p["D"]),
-                jax.grad(lambda d, m=m: m.supervised_only_loss({**p, "D_sup": d}, inp)[0])(
-                    p["D_sup"]
-                ),
+                jax.grad(lambda d, w=w: baseline[w].loss_fn({**p, "D_sup": d}, inp)[0])(p["D_sup"]),
             )
             for w, m in methods.items()
         }
@@ -256,42 +249,49 @@ def test_baseline_is_the_discriminator_without_unlabelled_data(run, history):
 def test_each_phase_updates_only_its_players(run, history):
     state, method, tx = history["after_two"], run.method, run.tx
     inputs = _inputs(run, state)
-    assert [(p.name, p.players) for p in method.phases()] == [
+    assert [(p.name, p.players) for p in engine.phases(method)] == [
         ("D", ("D",)),
         ("G", ("G",)),
-        ("D_sup", ("D_sup",)),
+        ("supervised_only", ("D_sup",)),
     ]
 
     @jax.jit
     def updates(params, opt_state, inputs):
         out = []
-        for phase in method.phases():
+        for phase in engine.phases(method):
             grads, aux = jax.grad(
                 lambda t, phase=phase, inputs=inputs: phase.loss_fn({**params, **t}, inputs),
                 has_aux=True,
             )({p: params[p] for p in phase.players})
-            inputs = inputs._replace(carry={**inputs.carry, **aux.get("carry", {})})  # D's holes
             out.append(
                 (aux, *engine.apply_phase_update(tx, params, opt_state, grads, phase.players))
             )
         return out
 
     for phase, (aux, params, opt_state) in zip(
-        method.phases(), updates(state.params, state.opt_state, inputs)
+        engine.phases(method), updates(state.params, state.opt_state, inputs)
     ):
         assert_phase_isolated(
-            phase, method.players, state.params, state.opt_state, params, opt_state
+            phase, engine.players(method), state.params, state.opt_state, params, opt_state
         )
         # Only the G phase, which trains G, writes G's BatchNorm statistics.
-        assert set(aux.get("model_state", {})) == ({"G"} if phase.name == "G" else set())
+        assert set(aux.model_state) == ({"G"} if phase.name == "G" else set())
 
 
 def test_tiny_training_moves_every_loss_and_stays_finite(history):
     ms = history["metrics"]
     assert all(np.isfinite(v) for m in ms for v in m.values())
-    for k in ("loss/D", "loss/G", "loss/D_sup", "D/adv", "D/class_ce", "G/adv", "G/masked_l2"):
+    for k in (
+        "loss/D",
+        "loss/G",
+        "loss/supervised_only",
+        "D/adv",
+        "D/class_ce",
+        "G/adv",
+        "G/masked_l2",
+    ):
         assert np.std([m[k] for m in ms]) > 1e-4, k
-    for k in ("D/class_ce", "D_sup/class_ce"):  # both class heads learn the labelled set
+    for k in ("D/class_ce", "supervised_only/class_ce"):  # both class heads learn the labelled set
         assert np.mean([m[k] for m in ms[-4:]]) < np.mean([m[k] for m in ms[:4]]), k
     before = history["init_stats"]["G"]["batch_stats"]
     after = history["final"].model_state["G"]["batch_stats"]

@@ -146,14 +146,7 @@ def _inputs(method, state, step=1):
         k: {f: np.stack([src[(step * n + i) % len(src)][f] for i in range(n)]) for f in src.fields}
         for k, src in method.train_streams().items()
     }
-    return engine.PhaseInputs(
-        batch=method.prepare(batch),
-        rng=jax.random.PRNGKey(step),
-        step=state.step,
-        model_state=state.model_state,
-        extra=state.extra,
-        carry={},
-    )
+    return engine.make_inputs(method, method.prepare(batch), state, jax.random.PRNGKey(step))
 
 
 def test_phases_write_only_their_own_statistics_and_buffers(staged):
@@ -163,24 +156,24 @@ def test_phases_write_only_their_own_statistics_and_buffers(staged):
         "D": (set(), {"pool_A", "pool_B", "pool_count_A", "pool_count_B"}),
         "D_feat": (set(), set()),
         "f_T": ({"f_T"}, set()),
-        "T_pix": ({"T_pix"}, set()),
-        "T_src": ({"T_src"}, set()),
+        "pixel_only": ({"T_pix"}, set()),
+        "source_only": ({"T_src"}, set()),
     }
     for stage, cfg in cycada.CyCADA.stage_configs(staged["cfg"], str(staged["wd"])):
         method = cycada.CyCADA(cfg)
         state = staged["states"][stage]
         inp = _inputs(method, state)
-        for ph in method.phases():
+        for ph in engine.phases(method):
             _, aux = jax.eval_shape(ph.loss_fn, state.params, inp)
-            got = (set(aux.get("model_state", {})), set(aux.get("extra", {})))
+            got = (set(aux.model_state), set(aux.extra))
             assert got == expected[ph.name], (stage, ph.name, got)
-            inp = inp._replace(carry={**inp.carry, **aux.get("carry", {})})
+            inp = inp._replace(carry={**inp.carry, **aux.carry})
 
 
 def _phase_updates(method, state, inputs, extra_fn):
     """Every phase's update from the same state (carry as in a real step), jitted once
     together with ``extra_fn(params, inputs)``: the values the hand computations need."""
-    tx, phases = engine.make_optimizer(method), method.phases()
+    tx, phases = engine.make_optimizer(method), engine.phases(method)
 
     @jax.jit
     def run(params, opt_state, inputs):
@@ -191,8 +184,8 @@ def _phase_updates(method, state, inputs, extra_fn):
                 lambda t, ph=ph, inp=inp: ph.loss_fn({**params, **t}, inp), has_aux=True
             )({p: params[p] for p in ph.players})
             out[ph.name] = engine.apply_phase_update(tx, params, opt_state, grads, ph.players)
-            losses[ph.name] = (loss, aux.get("metrics", {}), aux.get("carry", {}))
-            carry = {**carry, **jax.lax.stop_gradient(aux.get("carry", {}))}
+            losses[ph.name] = (loss, aux.metrics, aux.carry)
+            carry = {**carry, **jax.lax.stop_gradient(aux.carry)}
         return out, losses, extra_fn(params, inputs)
 
     return run(state.params, state.opt_state, inputs)
@@ -200,9 +193,11 @@ def _phase_updates(method, state, inputs, extra_fn):
 
 def _check_isolation(stage, method, state, updates):
     """Each phase changed its players' params and Adam moments, and left the rest bit-exact."""
-    for ph in method.phases():
+    for ph in engine.phases(method):
         params, opt_state = updates[ph.name]
-        assert_phase_isolated(ph, method.players, state.params, state.opt_state, params, opt_state)
+        assert_phase_isolated(
+            ph, engine.players(method), state.params, state.opt_state, params, opt_state
+        )
 
 
 def test_pixel_phases_touch_only_their_players_and_losses_match_numpy(staged):
@@ -282,8 +277,10 @@ def test_feature_phases_touch_only_their_players_and_losses_match_numpy(staged):
     # f_T (test config: task weight 0.6, feature weight 0.3; the non-saturating G loss).
     expected = 0.6 * _np_ce(o["logits"][:n], y) + 0.3 * _softplus(-d_t).mean()
     np.testing.assert_allclose(phase_losses["f_T"][0], expected, rtol=1e-5)
-    np.testing.assert_allclose(phase_losses["T_pix"][0], _np_ce(o["pix_logits"], y), rtol=1e-5)
-    np.testing.assert_allclose(phase_losses["T_src"][0], _np_ce(o["src_logits"], y), rtol=1e-5)
+    np.testing.assert_allclose(phase_losses["pixel_only"][0], _np_ce(o["pix_logits"], y), rtol=1e-5)
+    np.testing.assert_allclose(
+        phase_losses["source_only"][0], _np_ce(o["src_logits"], y), rtol=1e-5
+    )
     assert np.abs(o["x_st"] - np.asarray(inp.batch["source"])).max() > 0  # really translated
 
 
@@ -313,7 +310,14 @@ def test_every_loss_moves_and_stays_finite(staged):
     keys = {
         "pretrain": ["loss/f_S", "f_S/ce"],
         "pixel": ["loss/G", "loss/D", "G_st/adv", "G/cycle_s", "G/sem_st", "G/sem_ts", "D_t/adv"],
-        "feature": ["loss/D_feat", "loss/f_T", "loss/T_pix", "loss/T_src", "f_T/adv", "f_T/ce"],
+        "feature": [
+            "loss/D_feat",
+            "loss/f_T",
+            "loss/pixel_only",
+            "loss/source_only",
+            "f_T/adv",
+            "f_T/ce",
+        ],
     }
     for stage, ks in keys.items():
         lines = [
@@ -399,6 +403,7 @@ def _random_state(method, seed=0):
     )
     # BatchNorm variances (in model_state, and f_S's in extra) stay positive.
     model_state, extra = jax.tree.map(np.abs, (model_state, extra))
+    params, model_state = engine.with_copies(method, params, model_state)
     return engine.TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -422,12 +427,11 @@ def test_segmentation_variant_losses_and_miou():
         f_s = inp_pix.extra["f_S"]
         fake_t = pix_m.translate(pix.params["G_st"], inp_pix.batch["source"])
         f = lambda x: pix_m.task_apply(f_s, x, train=False)[0]
-        _, aux_d = feat_m.feature_discriminator_loss(feat.params, inp_feat)
         return (
             f(inp_pix.batch["source"]),
             f(fake_t),
             pix_m.pixel_generator_loss(pix.params, inp_pix),
-            feat_m.feature_task_loss(feat.params, inp_feat._replace(carry=aux_d["carry"])),
+            feat_m.feature_task_loss(feat.params, inp_feat),
         )
 
     inp_pix, inp_feat = _inputs(pix_m, pix), _inputs(feat_m, feat)
@@ -439,10 +443,10 @@ def test_segmentation_variant_losses_and_miou():
     assert f_x_s.shape == (4, 16, 16, 5)
     # The source semantic term: a per-pixel CE against the true labels, void pixels left out.
     np.testing.assert_allclose(
-        aux["metrics"]["G/sem_st"], _np_ce(np.asarray(f_fake_t)[:, 5:], labels[:, 5:]), rtol=1e-4
+        aux.metrics["G/sem_st"], _np_ce(np.asarray(f_fake_t)[:, 5:], labels[:, 5:]), rtol=1e-4
     )
     assert np.isfinite(float(loss)) and np.isfinite(float(loss_t))
-    assert set(aux_t["model_state"]) == {"f_T"}
+    assert set(aux_t.model_state) == {"f_T"}
 
     scores = feat_m.evaluate(feat, parallel.make_mesh(2))
     for k in ("eval/miou", "eval/source_only_miou", "eval/pixel_only_miou", "eval/source_miou"):

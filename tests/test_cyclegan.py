@@ -97,7 +97,7 @@ def test_losses_equal_the_paper_formula_with_each_network_applied_alone(lambda_i
     batch = method.prepare(raw)
     params, model_state, extra = method.init(jax.random.PRNGKey(0), batch)
     inp = engine.PhaseInputs(
-        batch, jax.random.PRNGKey(1), jnp.zeros((), jnp.int32), model_state, extra, {}
+        batch, jax.random.PRNGKey(1), jnp.zeros((), jnp.int32), model_state, extra, {}, {}
     )
     a, b = np.asarray(batch["A"], np.float64), np.asarray(batch["B"], np.float64)
     G = lambda name, x: np.asarray(method.G.apply({"params": params[name]}, x), np.float64)
@@ -120,17 +120,17 @@ def test_losses_equal_the_paper_formula_with_each_network_applied_alone(lambda_i
         expected += lambda_identity * 10 * (terms["G/identity_A"] + terms["G/identity_B"])
     loss, aux = method.generator_loss(params, inp)
     assert_loss_terms(loss, aux, terms, expected)
-    np.testing.assert_allclose(aux["carry"]["fake_B"], fake_b, atol=1e-5)
-    np.testing.assert_allclose(aux["carry"]["fake_A"], fake_a, atol=1e-5)
+    np.testing.assert_allclose(aux.carry["fake_B"], fake_b, atol=1e-5)
+    np.testing.assert_allclose(aux.carry["fake_A"], fake_a, atol=1e-5)
 
     # D phase (pool of 4 still filling: it returns the carried fakes themselves).
-    carry = {"fake_A": aux["carry"]["fake_A"] + 0.1, "fake_B": aux["carry"]["fake_B"] - 0.1}
+    carry = {"fake_A": aux.carry["fake_A"] + 0.1, "fake_B": aux.carry["fake_B"] - 0.1}
     _, d_aux = method.discriminator_loss(params, inp._replace(carry=carry))
     lsgan_d = lambda real, fake: 0.5 * (((real - 1) ** 2).mean() + (fake**2).mean())
     d_a = lsgan_d(D("D_A", batch["A"]), D("D_A", carry["fake_A"]))
     d_b = lsgan_d(D("D_B", batch["B"]), D("D_B", carry["fake_B"]))
-    np.testing.assert_allclose(float(d_aux["metrics"]["D/A"]), d_a, rtol=1e-5)
-    np.testing.assert_allclose(float(d_aux["metrics"]["D/B"]), d_b, rtol=1e-5)
+    np.testing.assert_allclose(float(d_aux.metrics["D/A"]), d_a, rtol=1e-5)
+    np.testing.assert_allclose(float(d_aux.metrics["D/B"]), d_b, rtol=1e-5)
 
 
 def test_training_reduces_cycle_loss():

@@ -87,6 +87,7 @@ def _inputs(method, rng=0):
         model_state=model_state,
         extra=extra,
         carry={},
+        draws={},
     )
     return params, inputs
 
@@ -136,15 +137,15 @@ def test_losses_equal_their_terms_computed_by_hand(gan, distance, lambda_recon, 
 
     loss, aux = method.generator_loss(params, inp)
     assert_loss_terms(loss, aux, terms, expected)
-    np.testing.assert_allclose(aux["carry"]["fake_B"], fake_b, atol=1e-6)
+    np.testing.assert_allclose(aux.carry["fake_B"], fake_b, atol=1e-6)
 
     # The D phase judges the carried fakes (made before the G update).
     carry = {"fake_A": fake_a + 0.1, "fake_B": fake_b - 0.1}
     d_total, d_aux = method.discriminator_loss(params, inp._replace(carry=carry))
     d_a = d_loss(D("D_A", a), D("D_A", carry["fake_A"]))
     d_b = d_loss(D("D_B", b), D("D_B", carry["fake_B"]))
-    np.testing.assert_allclose(float(d_aux["metrics"]["D/A"]), d_a, rtol=1e-5)
-    np.testing.assert_allclose(float(d_aux["metrics"]["D/B"]), d_b, rtol=1e-5)
+    np.testing.assert_allclose(float(d_aux.metrics["D/A"]), d_a, rtol=1e-5)
+    np.testing.assert_allclose(float(d_aux.metrics["D/B"]), d_b, rtol=1e-5)
     np.testing.assert_allclose(float(d_total), d_a + d_b, rtol=1e-5)
 
 
@@ -155,9 +156,9 @@ def test_generator_phase_uses_dropout_with_the_phase_key():
     _, aux2 = method.generator_loss(params, inp._replace(rng=jax.random.PRNGKey(8)))
     _, aux3 = method.generator_loss(params, inp)
     eval_b = method.generate(params, inp.batch["A"], "AtoB")
-    assert not np.allclose(aux1["carry"]["fake_B"], eval_b)
-    assert not np.allclose(aux1["carry"]["fake_B"], aux2["carry"]["fake_B"])
-    assert np.array_equal(aux1["carry"]["fake_B"], aux3["carry"]["fake_B"])
+    assert not np.allclose(aux1.carry["fake_B"], eval_b)
+    assert not np.allclose(aux1.carry["fake_B"], aux2.carry["fake_B"])
+    assert np.array_equal(aux1.carry["fake_B"], aux3.carry["fake_B"])
 
 
 def test_paired_true_on_unpaired_data_raises():
@@ -219,19 +220,14 @@ def test_each_phase_updates_only_its_players(trained):
     method, tx = run.method, run.tx
     params, inputs = (
         state.params,
-        engine.PhaseInputs(
-            batch=method.prepare(run.loader.batch(30)),
-            rng=jax.random.PRNGKey(1),
-            step=state.step,
-            model_state=state.model_state,
-            extra=state.extra,
-            carry={},
+        engine.make_inputs(
+            method, method.prepare(run.loader.batch(30)), state, jax.random.PRNGKey(1)
         ),
     )
     run.loader.close()
     for phase in method.phases():
         if phase.name == "D":  # the D phase needs the G phase's fakes
-            inputs = inputs._replace(carry=method.phases()[0].loss_fn(params, inputs)[1]["carry"])
+            inputs = inputs._replace(carry=method.phases()[0].loss_fn(params, inputs)[1].carry)
 
         @jax.jit
         def update(params, opt_state, inputs, phase=phase):

@@ -41,18 +41,11 @@ def test_each_phase_updates_only_its_players(run1):
     state = jax.device_get(state)
     method, tx = run1.method, run1.tx
     batch = method.prepare(run1.global_batch(2))
-    inputs = engine.PhaseInputs(
-        batch=batch,
-        rng=jax.random.PRNGKey(1),
-        step=state.step,
-        model_state=state.model_state,
-        extra=state.extra,
-        carry={},
-    )
-    for phase in method.phases():
+    inputs = engine.make_inputs(method, batch, state, jax.random.PRNGKey(1))
+    for phase in engine.phases(method):
         if phase.name == "D":  # the D phase needs the G phase's fakes
-            _, aux = jax.jit(method.phases()[0].loss_fn)(state.params, inputs)
-            inputs = inputs._replace(carry=aux["carry"])
+            _, aux = jax.jit(engine.phases(method)[0].loss_fn)(state.params, inputs)
+            inputs = inputs._replace(carry=aux.carry)
 
         @jax.jit
         def update(params, opt_state, inputs, phase=phase):
@@ -63,7 +56,7 @@ def test_each_phase_updates_only_its_players(run1):
 
         grads, params, opt_state = update(state.params, state.opt_state, inputs)
         assert_phase_isolated(
-            phase, method.players, state.params, state.opt_state, params, opt_state
+            phase, engine.players(method), state.params, state.opt_state, params, opt_state
         )
 
         # Control: a plain multi_transform update with zero gradients for the idle
@@ -74,7 +67,7 @@ def test_each_phase_updates_only_its_players(run1):
         }
         updates, _ = jax.jit(tx.update)(full, state.opt_state, state.params)
         naive = optax.apply_updates(state.params, updates)
-        idle = [p for p in method.players if p not in phase.players]
+        idle = [p for p in engine.players(method) if p not in phase.players]
         assert not all(equal_trees(naive[p], state.params[p]) for p in idle)
 
 
@@ -235,9 +228,10 @@ def test_without_baselines_the_method_trains_alike_and_the_baseline_stays_at_ini
         runs[train_baselines] = (run, init, jax.device_get(state), metrics)
     (_, init_on, on, m_on), (run_off, init_off, off, m_off) = runs[True], runs[False]
     assert equal_trees(init_on, init_off)
-    assert "loss/T_src" in m_on and "loss/T_src" not in m_off
-    baseline = tuple(f"{p}{b}" for b in ("T_src", "T_oracle") for p in ("loss/", "guard/loss/"))
-    assert {k for k in m_on if not k.startswith((*baseline, "T_src/", "T_oracle/"))} == set(m_off)
+    assert "loss/source_only" in m_on and "loss/source_only" not in m_off
+    names = ("source_only", "oracle")
+    baseline = tuple(f"{p}{b}" for b in names for p in ("loss/", "guard/loss/", ""))
+    assert {k for k in m_on if not k.startswith(baseline)} == set(m_off)
     for p in ("G", "D", "T"):
         assert equal_trees(on.params[p], off.params[p]), p
         assert equal_trees(on.opt_state.inner_states[p], off.opt_state.inner_states[p]), p
@@ -277,7 +271,7 @@ def test_the_target_oracle_trains_on_target_labels_and_never_touches_the_method(
         assert equal_trees(on.opt_state.inner_states[p], off.opt_state.inner_states[p]), p
     assert not equal_trees(on.params["T_oracle"], init_on["T_oracle"])
     assert equal_trees(off.params["T_oracle"], init_on["T_oracle"])
-    assert "loss/T_oracle" in m_on and "loss/T_oracle" not in m_off
+    assert "loss/oracle" in m_on and "loss/oracle" not in m_off
     scores = run_on.method.evaluate(on, parallel.make_mesh(1))
     acc = scores["eval/oracle_accuracy"]
     assert 0.0 <= acc <= 1.0
@@ -293,17 +287,46 @@ def test_the_target_oracle_trains_on_target_labels_and_never_touches_the_method(
 
 
 @pytest.mark.parametrize("name", ["pixelda", "cycada", "gta", "gta_seg", "ccgan"])
-def test_baseline_phases_are_phases_of_the_method(name):
+def test_baselines_are_phases_over_copies_trained_with_their_originals_blocks(name):
     cfg = load_config(name, "runlocal")
     if name == "cycada":
         cfg.stage = "feature"
     method = trainer.get_method(cfg)
-    names = [ph.name for ph in method.phases()]
-    assert method.baseline_phases and set(method.baseline_phases) <= set(names), names
-    baseline_players = {
-        p for ph in method.phases() if ph.name in method.baseline_phases for p in ph.players
-    }
-    assert baseline_players and baseline_players < set(method.players)
+    assert method.baselines
+    by_name = {ph.name: ph for ph in engine.phases(method)}
+    players = engine.players(method)
+    for b in method.baselines:
+        assert by_name[b.name].players == tuple(b.copies), b.name
+        for copy, orig in b.copies.items():
+            assert copy not in method.players and players[copy] == method.players[orig]
+        assert b.metrics
+    assert [ph.name for ph in engine.phases(method)][: len(method.phases())] == [
+        ph.name for ph in method.phases()
+    ]
+
+
+def test_a_baseline_phase_is_the_methods_supervised_loss_on_its_copies():
+    """PixelDA's source-only phase: exactly ``supervised_loss`` with ``T_src`` in T's place,
+    and its copies start from the originals' weights."""
+    cfg = load_config("pixelda", "runlocal")
+    run = trainer.Run(cfg, mesh=parallel.make_mesh(1))
+    method, state = run.method, jax.device_get(run.init_state())
+    assert equal_trees(state.params["T_src"], state.params["T"])
+    assert equal_trees(state.params["T_oracle"], state.params["T"])
+    batch = method.prepare(run.global_batch(0))
+    inputs = engine.make_inputs(method, batch, state, jax.random.PRNGKey(3))
+    params = {**state.params, "T_src": jax.tree.map(lambda x: x * 1.5, state.params["T"])}
+    phase = {ph.name: ph for ph in engine.phases(method)}["source_only"]
+    loss, out = phase.loss_fn(params, inputs)
+    ref, ref_out = method.supervised_loss(
+        {**params, "T": params["T_src"]}, inputs, batch["source"], batch["label"]
+    )
+    np.testing.assert_allclose(float(loss), float(ref), rtol=1e-6)
+    assert set(out.metrics) == {f"source_only/{k}" for k in ref_out.metrics}
+    assert not np.isclose(
+        float(loss),
+        float(method.supervised_loss(params, inputs, batch["source"], batch["label"])[0]),
+    )
 
 
 def test_train_without_baselines_reports_no_baseline_metrics(tmp_path):
@@ -313,7 +336,7 @@ def test_train_without_baselines_reports_no_baseline_metrics(tmp_path):
     with open(tmp_path / "metrics.jsonl") as f:
         keys = set().union(*(json.loads(line) for line in f))
     assert {"eval/target_accuracy", "loss/GT", "loss/D"} <= keys, keys
-    assert not [k for k in keys if "source_only" in k or "T_src" in k or "gain" in k], keys
+    assert not [k for k in keys if "source_only" in k or "oracle" in k or "gain" in k], keys
 
 
 def test_profile_steps_writes_a_trace_of_the_training_steps(tmp_path):

@@ -58,15 +58,8 @@ def batch():
         run.loader.close()
 
 
-def _inputs(state, batch, carry=None):
-    return engine.PhaseInputs(
-        batch=batch,
-        rng=jax.random.PRNGKey(7),
-        step=state.step,
-        model_state=state.model_state,
-        extra=state.extra,
-        carry=carry or {},
-    )
+def _inputs(method, state, batch, carry=None):
+    return engine.make_inputs(method, batch, state, jax.random.PRNGKey(7), carry)
 
 
 # --- numpy references ----------------------------------------------------------------------
@@ -154,22 +147,23 @@ def phases_out(trained, batch):
     @jax.jit
     def run(params, opt_state):
         out, carry = {}, {}
-        for phase in method.phases():  # each from the same state; the carry (noise) from D
-            inp = _inputs(state, batch, carry)
+        for phase in engine.phases(method):  # each from the same state and the same noise
+            inp = _inputs(method, state, batch, carry)
 
             def loss(trainable, phase=phase, inp=inp):
                 return phase.loss_fn({**params, **trainable}, inp)
 
             trainable = {p: params[p] for p in phase.players}
             (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
-            carry = {**carry, **aux.get("carry", {})}
+            carry = {**carry, **aux.carry}
             new_params, new_opt = engine.apply_phase_update(
                 tx, params, opt_state, grads, phase.players
             )
             out[phase.name] = {
                 "loss": value,
-                "carry": aux.get("carry", {}),
-                "model_state": aux.get("model_state", {}),
+                "carry": aux.carry,
+                "draws": inp.draws,
+                "model_state": aux.model_state,
                 "params": new_params,
                 "opt_state": new_opt,
             }
@@ -190,13 +184,14 @@ def phases_out(trained, batch):
             v = {"params": params["D"], **ms["D"]}
             return method.D.apply(v, x, train=True, mutable=["batch_stats"])[0]
 
-        gen_s = g(jnp.concatenate([onehot_s, emb_s, carry["z_s"]], -1))
-        gen_t = g(jnp.concatenate([onehot_t, emb_t, carry["z_t"]], -1))
+        z = _inputs(method, state, batch).draws
+        gen_s = g(jnp.concatenate([onehot_s, emb_s, z["z_s"]], -1))
+        gen_t = g(jnp.concatenate([onehot_t, emb_t, z["z_t"]], -1))
         raw = {"gen_s": gen_s, "c_logits": method.C.apply({"params": params["C"]}, emb_s)}
         raw["real"], raw["real_cls"] = d(batch["source"])
         raw["fake_s"], raw["fake_s_cls"] = d(gen_s)
         raw["fake_t"], _ = d(gen_t)
-        raw["code_t"] = method.code(carry["z_t"], emb_t, method.unknown(n))
+        raw["code_t"] = method.code(z["z_t"], emb_t, method.unknown(n))
         return out, raw
 
     out, raw = jax.device_get(run(params, state.opt_state))
@@ -205,9 +200,10 @@ def phases_out(trained, batch):
 
 def test_every_loss_matches_numpy(phases_out, batch):
     out, o, y = phases_out["out"], phases_out["raw"], batch["label"]
-    carry = out["D"]["carry"]
-    assert set(carry) == {"z_s", "z_t"}  # only noise passes between phases, no network outputs
-    assert carry["z_s"].shape == (len(y), 8) and not np.allclose(carry["z_s"], carry["z_t"])
+    assert all(not out[ph]["carry"] for ph in out)  # no network outputs pass between phases
+    z = out["D"]["draws"]  # only this step's noise, the same for every phase
+    assert set(z) == {"z_s", "z_t"} and all(equal_trees(out[ph]["draws"], z) for ph in out)
+    assert z["z_s"].shape == (len(y), 8) and not np.allclose(z["z_s"], z["z_t"])
     assert np.all(o["code_t"][:, 10] == 1) and np.all(o["code_t"][:, :10] == 0)
     assert float(np.max(np.abs(o["gen_s"]))) <= 1.0  # tanh
 
@@ -227,18 +223,18 @@ def test_every_loss_matches_numpy(phases_out, batch):
 
 def test_each_phase_updates_only_its_players(phases_out):
     method, state, params = phases_out["method"], phases_out["state"], phases_out["params"]
-    assert [(p.name, p.players) for p in method.phases()] == [
+    assert [(p.name, p.players) for p in engine.phases(method)] == [
         ("D", ("D",)),
         ("G", ("G",)),
         ("C", ("C",)),
         ("F", ("F",)),
-        ("src_only", ("F_src", "C_src")),
+        ("source_only", ("F_src", "C_src")),
         ("oracle", ("F_oracle", "C_oracle")),
     ]
-    for phase in method.phases():
+    for phase in engine.phases(method):
         res = phases_out["out"][phase.name]
         assert_phase_isolated(
-            phase, method.players, params, state.opt_state, res["params"], res["opt_state"]
+            phase, engine.players(method), params, state.opt_state, res["params"], res["opt_state"]
         )
         # A player's BatchNorm statistics are written by its own phase only.
         assert set(res["model_state"]) == ({phase.name} & {"D", "G"}), phase.name
@@ -252,9 +248,9 @@ def test_training_resumes_moves_every_loss_and_evaluates(trained):
     assert int(trained["fresh"].step) == 0 and int(trained["final"].step) == STEPS
     ms = [x for x in lines if "loss/D" in x]
     assert all(np.isfinite(v) for m in ms for k, v in m.items() if isinstance(v, float))
-    for k in ("loss/D", "loss/G", "loss/C", "loss/F", "loss/src_only", "F/adv_tgt", "F/cls_src"):
+    for k in ("loss/D", "loss/G", "loss/C", "loss/F", "loss/source_only", "F/adv_tgt", "F/cls_src"):
         assert np.std([m[k] for m in ms]) > 1e-4, k
-    for k in ("C/source_ce", "src_only/source_ce", "D/cls_real"):  # the source task is learnt
+    for k in ("C/source_ce", "source_only/ce", "D/cls_real"):  # the source task is learnt
         assert np.mean([m[k] for m in ms[-5:]]) < np.mean([m[k] for m in ms[:5]]), k
     # The baseline starts from the adapted networks' initial weights; training separates them.
     fresh = trained["fresh"].params
