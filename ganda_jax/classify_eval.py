@@ -18,7 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ganda_jax import engine, evaluation, image_metrics
+from ganda_jax import engine, evaluation, image_metrics, losses
 
 LogitsFn = Callable[[Any, Any], Mapping[str, Any]]
 
@@ -95,15 +95,23 @@ def gap_closed(adapted: float, source_only: float, oracle: float) -> dict[str, f
     return {"eval/gap_closed": (adapted - source_only) / (oracle - source_only)}
 
 
-class AdaptationEval:
-    """Mixin of a digit-adaptation :class:`ganda_jax.engine.Method`: its ``evaluate`` is
-    :func:`adaptation_scores` of ``task_logits`` with the method's task players ('adapted')
-    and with each baseline's copies in their place (named by the baseline: 'source_only',
-    'oracle'), all on the same batches of the held-out test splits."""
+class TaskClassifier:
+    """Mixin of a digit-adaptation :class:`ganda_jax.engine.Method` whose task network is a
+    classifier (``task_logits``). Its baselines' ``supervised_loss`` is the cross-entropy on
+    those logits; its ``evaluate`` is :func:`adaptation_scores` of ``task_logits`` with the
+    method's players ('adapted') and with each baseline's copies in their place (named by the
+    baseline: 'source_only', 'oracle'), all on the same batches of the held-out test splits."""
 
     def task_logits(self, params, images):
         """Class logits [B, C] of the task network for float images in [-1, 1]."""
         raise NotImplementedError
+
+    def supervised_loss(self, params, inp, images, labels):
+        """CE(task_logits(images), labels), with its accuracy."""
+        logits = self.task_logits(params, images)
+        ce = losses.softmax_cross_entropy(logits=logits, labels=labels)
+        acc = losses.accuracy(logits=logits, labels=labels)
+        return ce, engine.Out(metrics={"ce": ce, "acc": acc})
 
     @functools.cached_property
     def _accuracy_fn(self):

@@ -299,12 +299,7 @@ class CyCADA(engine.Method):
     def data_task(self):
         return "segment" if self.config.task == "segment" else "classify"
 
-    def prepare(self, batch):
-        return {
-            "source": image_metrics.from_uint8(batch["source"]["image"], jnp.float32),
-            "label": batch["source"]["label"].astype(jnp.int32),
-            "target": image_metrics.from_uint8(batch["target"]["image"], jnp.float32),
-        }
+    prepare = staticmethod(engine.adaptation_batch)
 
     # --- networks ---------------------------------------------------------------
     def _task_init(self, rng, x):

@@ -398,19 +398,19 @@ def all_finite(tree: PyTree) -> jax.Array:
 
 
 def adaptation_batch(batch: PyTree) -> dict:
-    """An adaptation method's ``prepare``: ``source``, ``label``, ``target`` (images in
-    [-1, 1]) and, when the data has a ``target_labeled`` stream, ``oracle_image`` and
-    ``oracle_label`` (which only the oracle's phase may read)."""
+    """An adaptation method's ``prepare``: ``source``, ``label`` (int32: classes or per-pixel
+    maps), ``target`` (images in [-1, 1]) and, when the data has a ``target_labeled`` stream,
+    ``oracle_image`` and ``oracle_label`` (which only the oracle's phase may read)."""
     out = {
         "source": image_metrics.from_uint8(batch["source"]["image"], jnp.float32),
-        "label": batch["source"]["label"],
+        "label": batch["source"]["label"].astype(jnp.int32),
         "target": image_metrics.from_uint8(batch["target"]["image"], jnp.float32),
     }
     if "target_labeled" in batch:
         out["oracle_image"] = image_metrics.from_uint8(
             batch["target_labeled"]["image"], jnp.float32
         )
-        out["oracle_label"] = batch["target_labeled"]["label"]
+        out["oracle_label"] = batch["target_labeled"]["label"].astype(jnp.int32)
     return out
 
 

@@ -197,7 +197,7 @@ class Discriminator(nn.Module):
         return data.astype(jnp.float32), cls.astype(jnp.float32)
 
 
-class GTA(classify_eval.AdaptationEval, engine.Method):
+class GTA(classify_eval.TaskClassifier, engine.Method):
     name = "gta"
     data_task = "classify"
     players: ClassVar[dict[str, str]] = {"F": "F", "C": "C", "G": "G", "D": "D"}
@@ -351,12 +351,6 @@ class GTA(classify_eval.AdaptationEval, engine.Method):
         loss = ce + a * cls_src + a * cfg.target_adv_factor * adv_tgt
         metrics = {"F/source_ce": ce, "F/cls_src": cls_src, "F/adv_tgt": adv_tgt}
         return loss, engine.Out(metrics=metrics)
-
-    def supervised_loss(self, params, inp, images, labels):
-        logits = self.task_logits(params, images)
-        ce = losses.softmax_cross_entropy(logits=logits, labels=labels)
-        acc = losses.accuracy(logits=logits, labels=labels)
-        return ce, engine.Out(metrics={"ce": ce, "acc": acc})
 
     # --- samples ----------------------------------------------------------------
     @functools.cached_property

@@ -320,12 +320,7 @@ class GTASeg(engine.Method):
         )
 
     # --- data -----------------------------------------------------------------
-    def prepare(self, batch):
-        return {
-            "source": image_metrics.from_uint8(batch["source"]["image"], jnp.float32),
-            "label": batch["source"]["label"].astype(jnp.int32),
-            "target": image_metrics.from_uint8(batch["target"]["image"], jnp.float32),
-        }
+    prepare = staticmethod(engine.adaptation_batch)
 
     # --- model ----------------------------------------------------------------
     def init(self, rng, batch):

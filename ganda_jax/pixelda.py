@@ -148,7 +148,7 @@ class Classifier(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype)(y).astype(jnp.float32)
 
 
-class PixelDA(classify_eval.AdaptationEval, engine.Method):
+class PixelDA(classify_eval.TaskClassifier, engine.Method):
     name = "pixelda"
     data_task = "classify"
     players = {"G": "G", "D": "D", "T": "T"}
@@ -249,12 +249,6 @@ class PixelDA(classify_eval.AdaptationEval, engine.Method):
             "T/transferred_acc": losses.accuracy(logits=logits_fake, labels=y_s),
         }
         return loss, engine.Out(metrics=metrics, model_state={"G": g_state})
-
-    def supervised_loss(self, params, inp, images, labels):
-        logits = self.task_logits(params, images)
-        ce = losses.softmax_cross_entropy(logits=logits, labels=labels)
-        acc = losses.accuracy(logits=logits, labels=labels)
-        return ce, engine.Out(metrics={"ce": ce, "acc": acc})
 
     # --- evaluation -------------------------------------------------------------
     @functools.cached_property
