@@ -488,3 +488,30 @@ class ProgressLogger:
                 jax.block_until_ready(dict(scalars))  # Wait for the step,
             self._last = (step, self.clock())  # then start the clock.
         return None
+
+
+# Libraries whose INFO lines (Orbax: a dozen per checkpoint; JAX: backend probing) drown the
+# trainer's progress lines; their warnings and errors always show.
+CHATTY_LIBRARIES = ("orbax", "jax", "jaxlib", "etils", "tensorflow_datasets", "tensorflow")
+
+
+class _LibraryInfoFilter:
+    """Drops INFO (and finer) records logged from inside :data:`CHATTY_LIBRARIES`."""
+
+    def __init__(self):
+        self._dirs = tuple(f"{os.sep}{name}{os.sep}" for name in CHATTY_LIBRARIES)
+
+    def filter(self, record) -> bool:
+        if record.levelno > 20:  # WARNING and above
+            return True
+        return not any(d in record.pathname for d in self._dirs)
+
+
+def quiet_library_logs(verbose: bool = False) -> None:
+    """Console logging shows the trainer's lines (progress, evaluations, resumes) and every
+    library warning; ``verbose`` also shows the libraries' INFO lines. Idempotent."""
+    handler = logging.get_absl_handler()
+    for f in [f for f in handler.filters if isinstance(f, _LibraryInfoFilter)]:
+        handler.removeFilter(f)
+    if not verbose:
+        handler.addFilter(_LibraryInfoFilter())

@@ -174,10 +174,16 @@ def test_train_cli_end_to_end_then_translate(tmp_path):
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == 4
     assert any(n.startswith("jit_train_step") for n in os.listdir(workdir / "compilation_cache"))
-    # A resume (from step 2) loads its training step from there instead of compiling it.
+    # Quiet by default: the trainer's progress and evaluation lines, no library INFO chatter.
+    assert "step 4/4" in proc.stderr and "eval @ 4" in proc.stderr
+    assert "checkpoint_manager.py" not in proc.stderr, proc.stderr[-3000:]
+    # A resume (from step 2) loads its training step from there instead of compiling it;
+    # --verbose shows Orbax's INFO lines too.
     shutil.rmtree(workdir / "checkpoints" / "4")
-    proc = _run(train, extra_env={"JAX_COMPILATION_CACHE_DIR": "", "JAX_LOG_COMPILES": "1"})
+    env = {"JAX_COMPILATION_CACHE_DIR": "", "JAX_LOG_COMPILES": "1"}
+    proc = _run([*train, "--verbose"], extra_env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checkpoint_manager.py" in proc.stderr
     assert "Resumed from" in proc.stderr and "at step 2" in proc.stderr
     assert "Persistent compilation cache hit for 'jit_train_step'" in proc.stderr
     evals = [l for l in lines if "eval/psnr_AtoB" in l]
