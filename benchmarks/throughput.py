@@ -41,21 +41,19 @@ import numpy as np  # noqa: E402
 
 from ganda_jax import conv, engine, parallel, trainer  # noqa: E402
 
-# method -> how to build its reference-size network, the PyTorch reference model
-# (../shared/bench/torch_ref.py --model) and its reference (image size, batch).
-METHODS = {
-    "cyclegan": dict(variant="paper", torch="cyclegan_junyanz", settings=[(256, 1), (128, 4)]),
-    "discogan": dict(variant="paper", torch="discogan", settings=[(64, 64)]),
-    "pixelda": dict(variant="paper", torch="pixelda", settings=[(32, 64)]),
-    "cycada": dict(
-        variant="paper", overrides={"stage": "pixel"}, torch="cycada_img", settings=[(32, 100)]
-    ),
-    "gta": dict(variant="paper", torch="gta", settings=[(32, 100)]),
-    "gta_seg": dict(variant="paper", torch=None, settings=[(None, None)]),  # config default
-    # ccgan has no 'paper' variant: 'stl10' has its paper-size networks (the batch is synthetic,
-    # so the variant's tfds data is never read).
-    "ccgan": dict(variant="stl10", torch="ccgan_seed", settings=[(128, 8)]),
-}
+
+def _config_module(method: str):
+    path = os.path.join(ROOT, "configs", f"{method}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_config_{method}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The trainer's registry; each config's BENCHMARK: its reference-size variant (and overrides),
+# the PyTorch reference model (../shared/bench/torch_ref.py --model), (image size, batch) settings.
+METHODS = {m: _config_module(m).BENCHMARK for m in trainer.METHODS}
+
 
 # Dense peak TFLOP/s per chip by compute dtype (float32 matmuls/convs on NVIDIA run as TF32
 # under XLA's default precision).
@@ -70,10 +68,7 @@ PEAK_TFLOPS = {
 
 
 def load_config(method: str, variant: str | None):
-    path = os.path.join(ROOT, "configs", f"{method}.py")
-    spec = importlib.util.spec_from_file_location(f"bench_config_{method}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _config_module(method)
     try:
         cfg = module.get_config(variant)
     except ValueError:  # the config has no such variant: its default network

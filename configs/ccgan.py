@@ -37,6 +37,12 @@ from ganda_jax.data import tasks
 
 VARIANTS = {"runlocal", "cifar10", "stl10"}
 
+# benchmarks/throughput.py: the reference-size variant (and overrides), the PyTorch reference
+# model (../shared/bench/torch_ref.py --model) and the reference (image size, batch) settings.
+# No 'paper' variant: 'stl10' has the paper-size networks (the benchmark's batch is
+# synthetic, so its tfds data is never read).
+BENCHMARK = dict(variant="stl10", torch="ccgan_seed", settings=[(128, 8)])
+
 
 def get_config(arg=None):
     variants = config_lib.parse_variants(arg, VARIANTS)

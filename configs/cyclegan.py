@@ -25,6 +25,10 @@ VARIANTS = {
     "folder",
 }
 
+# benchmarks/throughput.py: the reference-size variant (and overrides), the PyTorch reference
+# model (../shared/bench/torch_ref.py --model) and the reference (image size, batch) settings.
+BENCHMARK = dict(variant="paper", torch="cyclegan_junyanz", settings=[(256, 1), (128, 4)])
+
 
 def get_config(arg=None):
     variants = config_lib.parse_variants(arg, VARIANTS)

@@ -29,6 +29,10 @@ from ganda_jax.data import tasks
 TFDS_SETS = {"horse2zebra", "apple2orange", "summer2winter_yosemite", "monet2photo"}
 VARIANTS = {"runlocal", "paper", "folder", "paired"} | TFDS_SETS
 
+# benchmarks/throughput.py: the reference-size variant (and overrides), the PyTorch reference
+# model (../shared/bench/torch_ref.py --model) and the reference (image size, batch) settings.
+BENCHMARK = dict(variant="paper", torch="discogan", settings=[(64, 64)])
+
 
 def get_config(arg=None):
     variants = config_lib.parse_variants(arg, VARIANTS)

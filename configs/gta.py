@@ -28,6 +28,10 @@ from ganda_jax.data import tasks
 
 VARIANTS = {"runlocal", "paper", "svhn"}
 
+# benchmarks/throughput.py: the reference-size variant (and overrides), the PyTorch reference
+# model (../shared/bench/torch_ref.py --model) and the reference (image size, batch) settings.
+BENCHMARK = dict(variant="paper", torch="gta", settings=[(32, 100)])
+
 
 def get_config(arg=None):
     variants = config_lib.parse_variants(arg, VARIANTS)

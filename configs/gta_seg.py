@@ -31,6 +31,10 @@ from ganda_jax.data import tasks
 
 VARIANTS = {"runlocal", "paper", "tfds"}
 
+# benchmarks/throughput.py: the reference-size variant (and overrides), the PyTorch reference
+# model (../shared/bench/torch_ref.py --model) and the reference (image size, batch) settings.
+BENCHMARK = dict(variant="paper", torch=None, settings=[(None, None)])  # the config's size
+
 
 def get_config(arg=None):
     variants = config_lib.parse_variants(arg, VARIANTS)
