@@ -44,10 +44,18 @@ METHODS = {
 
 
 def get_method_class(config: ml_collections.ConfigDict) -> type[engine.Method]:
-    if config.method not in METHODS:
-        raise ValueError(f"unknown method {config.method!r}; known: {sorted(METHODS)}")
-    module, cls = METHODS[config.method].split(":")
-    return getattr(importlib.import_module(module), cls)
+    """``config.method``: a name in :data:`METHODS`, or ``"module:Class"`` (a method of your own,
+    importable from ``sys.path``)."""
+    spec = METHODS.get(config.method, config.method)
+    if ":" not in spec:
+        raise ValueError(
+            f"unknown method {config.method!r}; known: {sorted(METHODS)} or 'module:Class'"
+        )
+    module, cls = spec.split(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"config.method={config.method!r}: cannot import it ({e})") from None
 
 
 def get_method(config: ml_collections.ConfigDict) -> engine.Method:
