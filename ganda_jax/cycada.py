@@ -60,35 +60,16 @@ the ``seg`` variant) uses the small fully-convolutional :class:`SegNet`, and
 the reference ADDA discriminator: an MLP 500-500-1 (a 2-way softmax there;
 one logit and the same log loss here).
 
-Departures from the reference code (jhoffman/cycada_release; what is said
-about it below was read there, the paper's equations were not re-checked
-against its text beyond the definitions quoted above):
+Departures from the reference code (jhoffman/cycada_release; the audit: ``docs/cycada.md``):
 
-- Pixel stage: the reference (cyclegan/models/cycle_gan_semantic_model.py)
-  trains its classifier ``netCLS`` *inside* the CycleGAN loop from scratch
-  (a different, small conv net, Adam 1e-3) and switches the semantic loss off
-  while that classifier's loss is above 1. Here ``f_S`` is pretrained and
-  frozen, as the paper describes, so no such gate is needed.
-- Semantic loss labels: the reference uses the *ground-truth* source labels
-  for the source term (the ``p(f_S, X_S)`` line is commented out) and
-  ``argmax f_S(x_t)`` for the target term. ``loss.semantic_source_labels``
-  chooses: ``'predicted'`` (default, the paper's ``p(f_S, X_S)``) or
-  ``'ground_truth'`` (the reference).
-- The reference doubles the G_st adversarial term (``loss_G_A = 2 * ...``)
-  and its digit script uses ``lambda_A = lambda_B = 1``, no identity loss,
-  batch 100; ``loss.adv_weight_st`` (default 1) gives the factor.
-- Feature stage: the reference runs ADDA after training a task net on the
-  translated images: a frozen source net on translated source, the target net
-  updated only when the discriminator's accuracy exceeds 0.6, and *no* task
-  loss during adaptation. Here ``f_T`` is trained on the joint objective above
-  (the paper's ``L_task(f_T, G_st(X_S), Y_S) + L_GAN(f_T, D_feat, ...)``), with
-  ``f_T``'s own features on both sides, and no accuracy gate.
-- ``f_T`` runs on the concatenated batch ``[x_st; x_t]`` so one BatchNorm
-  statistic covers both domains (the reference's ADDA runs the domains
-  through separate networks). BatchNorm is :class:`ganda_jax.layers.BatchNorm`
-  (eps 1e-5). Every evaluation uses the running averages, never batch stats.
-- The reference's CycleGAN classifier and ADDA compute accuracy on held-out
-  test loaders; so does this port, always on the target *test* split.
+- ``f_S`` is pretrained and frozen, as the paper says (the reference trains a small
+  classifier inside the CycleGAN loop and gates the semantic loss on it).
+- ``loss.semantic_source_labels``: ``'predicted'`` (the paper's ``p(f_S, X_S)``, default) or
+  ``'ground_truth'`` (the reference); ``loss.adv_weight_st`` its doubled G_st term.
+- The feature stage trains ``f_T`` on the paper's joint objective, its own features on both
+  sides, no accuracy gate (the reference runs ADDA without a task loss).
+- ``f_T`` sees ``[x_st; x_t]`` as one batch (one BatchNorm statistic, eps 1e-5); evaluation
+  uses running averages, always on the target *test* split.
 """
 
 from __future__ import annotations
@@ -380,13 +361,7 @@ class CyCADA(engine.Method):
         g_st = self._zeros_like_init(self.cyclegan.G.init, k_pix, x)["params"]
         return params, model_state, {"G_st": g_st, "f_S": f_s}
 
-    def _load_stage(self, stage: str, workdir: str, like: engine.TrainState):
-        from ganda_jax import trainer  # the trainer imports the methods lazily: no cycle
-
-        sharding = jax.tree.leaves(like.params)[0].sharding
-        return trainer.restore_latest(stage_config(self.config, stage), workdir, sharding)
-
-    def warm_start(self, state):
+    def warm_start(self, state, restore):
         """Loads the earlier stages' final parameters (``f_S``, ``G_st``) into a fresh state.
 
         ``config.pretrain_workdir`` / ``pixel_workdir`` (filled in by
@@ -397,7 +372,7 @@ class CyCADA(engine.Method):
             return state
         extra, params, model_state = dict(state.extra), dict(state.params), dict(state.model_state)
         if cfg.pretrain_workdir:
-            pre = self._load_stage("pretrain", cfg.pretrain_workdir, state)
+            pre = restore(stage_config(cfg, "pretrain"), cfg.pretrain_workdir)
             f_s = {"params": pre.params["f_S"], **pre.model_state.get("f_S", {})}
             extra["f_S"] = f_s
             if self.stage == "feature":  # f_T and the baselines' copies start from f_S
@@ -406,7 +381,8 @@ class CyCADA(engine.Method):
                     if "f_S" in pre.model_state:
                         model_state[p] = copy(pre.model_state["f_S"])
         if self.stage == "feature" and cfg.pixel_workdir:
-            extra["G_st"] = self._load_stage("pixel", cfg.pixel_workdir, state).params["G_st"]
+            pixel = restore(stage_config(cfg, "pixel"), cfg.pixel_workdir)
+            extra["G_st"] = pixel.params["G_st"]
         return state.replace(params=params, model_state=model_state, extra=extra)
 
     # --- phases -------------------------------------------------------------------

@@ -239,9 +239,11 @@ class Method:
         """Named uint8 image grids for the sample writer; may be empty."""
         return {}
 
-    def warm_start(self, state: TrainState) -> TrainState:
+    def warm_start(self, state: TrainState, restore: Callable) -> TrainState:
         """Fills a freshly initialised state from earlier runs (e.g. an earlier stage's
-        final checkpoint). Called once on a fresh init, never on resume. Default: unchanged."""
+        final checkpoint): ``restore(config, workdir)`` is the latest checkpointed state of that
+        config's run there, on this run's devices. Called once on a fresh init, never on
+        resume. Default: unchanged."""
         return state
 
 

@@ -208,7 +208,8 @@ class Run:
     def init_state(self) -> engine.TrainState:
         """A fresh state, then the method's warm start (only here: a resume never calls it)."""
         state = self._init_fn(jax.random.PRNGKey(self.config.seed), self.global_batch(0))
-        return self.method.warm_start(state)
+        restore = lambda config, workdir: restore_latest(config, workdir, self.replicated)  # noqa: E731
+        return self.method.warm_start(state, restore)
 
     def abstract_state(self) -> engine.TrainState:
         return abstract_state(self.method, self.tx, self.replicated)

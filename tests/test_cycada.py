@@ -64,9 +64,9 @@ def staged(tmp_path_factory):
     cfg, wd, mesh = _tiny_config(), tmp_path_factory.mktemp("cycada"), parallel.make_mesh(2)
     calls, warm_start = [], cycada.CyCADA.warm_start
 
-    def spy(self, state):
+    def spy(self, state, restore):
         calls.append(self.stage)
-        return warm_start(self, state)
+        return warm_start(self, state, restore)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cycada.CyCADA, "warm_start", spy)
