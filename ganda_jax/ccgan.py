@@ -64,53 +64,19 @@ stride-1 3x3 convs and one stride-2 4x4 conv, LeakyReLU 0.2, optional
 instance norm and dropout, then two dense heads on the flattened features: one
 adversarial logit and ``num_classes`` class logits.
 
-What was checked and where this port departs:
+Departures from the references (the audit: ``docs/ccgan.md``):
 
-- The PyTorch-GAN reference (eriklindernoren/PyTorch-GAN, implementations/ccgan,
-  ccgan.py and models.py as stored at commits ce0e5b58 / e0a8f3cd) is an
-  in-painting GAN only: its D has no class head, so there is no labelled data,
-  no classification and nothing semi-supervised. The class head, the labelled
-  stream, the baseline and the evaluation here follow the paper's abstract (the
-  discriminator's standard supervised training, regularised by the game).
-  That reference also has no L2 reconstruction term (least-squares GAN loss
-  only); the L2 term here is the context encoder's (Pathak et al. 2016), with
-  its own weight.
-- The reference's U-Net BatchNorm layers are ``nn.BatchNorm2d(out, 0.8)``, i.e.
-  eps = 0.8; here :class:`ganda_jax.layers.BatchNorm` (eps 1e-5). G's running
-  statistics are updated once per step, by the G phase, and used for evaluation
-  and samples.
-- The reference feeds D the generator's raw output (the whole image
-  regenerated, context included). Here D sees the in-filled image x_I: the real
-  context with G's pixels in the hole only, so D must find the hole's seams and
-  content, and G's gradients reach only the hole.
-- The reference fills the hole with -1 (black) and gives G no mask; here the
-  hole is filled with ``model.fill_value`` (0, mid-grey) and the mask is an
-  extra input channel. Its hole corner is ``randint(0, size - hole)``, which
-  never puts a hole against the bottom or right border; here every position
-  ``0..size - hole`` is drawn. It draws masks with numpy on the host; here
-  they come from the step RNG on the device.
-- The reference uses LSGAN losses (``loss.gan='lsgan'`` gives them); the
-  default here is the original GAN log loss (non-saturating for G); which one
-  the paper uses was not checked. The reference
-  updates G first, then D on G's detached output; here D goes first (as in
-  PixelDA's authors' code), each phase making its own in-fillings with the
-  current parameters, so no gradient is taken through a graph built before an
-  optimiser step.
-- The "softmax before CrossEntropyLoss" bug is not in the ccgan reference
-  (it has no classifier) but in PyTorch-GAN's sgan (commit 0484f457: its
-  ``aux_layer`` ends in ``nn.Softmax()`` and is fed to ``nn.CrossEntropyLoss``,
-  and its BatchNorm eps is 0.8 too); here D's class head
-  returns logits for :func:`ganda_jax.losses.softmax_cross_entropy`. Keras-GAN's
-  ccgan (commit 98ec711d) has a K+1-way class head but labels every training
-  image and, in its D step, feeds the *real* images where the fakes belong;
-  neither is copied.
-- The reference's generator has dropout 0.5 (pix2pix style) and no noise input;
-  here G is deterministic (no dropout, no z). The paper's exact objective
-  weights, network widths, hole size, low-resolution factor and whether G takes
-  noise were not checked (only its abstract and third-party summaries were
-  readable here); the paper's STL-10 setting (96 px images at 64 px, 100
-  labels per class, 32 px holes) in ``configs/ccgan.py`` is from memory, not
-  checked.
+- PyTorch-GAN's ccgan has no class head (nothing semi-supervised): the class head, labelled
+  stream, baseline and evaluation follow the paper; the hole's L2 term is the context
+  encoder's (Pathak et al. 2016).
+- BatchNorm eps 1e-5, not the reference's 0.8.
+- D sees the in-filled image x_I (real context, G's pixels in the hole), not G's raw output.
+- The hole is filled with ``model.fill_value`` and the mask is an input channel; every hole
+  position is drawn, on the device.
+- The GAN log loss by default (``loss.gan='lsgan'``: the reference's); D is updated first,
+  each phase with its own forward pass (no gradient through a graph made before an update).
+- D's class head returns logits (no softmax before the cross-entropy, PyTorch-GAN sgan's bug).
+- G is deterministic (no dropout, no z).
 """
 
 from __future__ import annotations

@@ -40,31 +40,11 @@ embedded translation pair, the tfds CycleGAN sets) is an error. With
 ``paired`` the loader draws one index per row for both domains (one stream
 ``AB``) and crops/flips both images alike.
 
-Departures from the PyTorch-GAN reference (all configurable back):
-
-- Adversarial loss: the reference uses least squares (``nn.MSELoss`` against
-  1/0 labels, D loss halved); the paper uses the standard GAN loss, which is
-  the default here. ``loss.gan='lsgan'`` gives the reference's (the shared
-  LSGAN D loss has the same 0.5 factor).
-- Reconstruction: the reference uses L1 (``loss.recon_distance='l1'``), the
-  paper L2 (default).
-- Weights: the reference averages each pair of terms (``(adv_AB + adv_BA)/2``
-  etc.) with weight 1 each; the paper sums them. The relative weights are the
-  same, so only the overall scale (which Adam mostly ignores) differs.
-- The reference adds the pixelwise loss always (its datasets are paired);
-  here only with ``data.paired``, as the issue asks.
-- Biases are initialised to 0 (the reference leaves PyTorch's uniform default;
-  weights are N(0, 0.02) in both). Its norms are InstanceNorm2d without affine
-  parameters (eps 1e-5), as here: there is no BatchNorm in this model.
-- Data: the reference resizes to 64x64 with no crop or flip; the folder/tfds
-  variants do the same (``load_size = image_size``, ``flip=False``).
-
-The official SKTBrain/DiscoGAN code departs from the paper in ways not ported
-here: a BatchNorm encoder-decoder generator without skips and a global
-discriminator, a feature-matching term (G loss = 0.1 GAN + 0.9 FM), a
-GAN/reconstruction curriculum (reconstruction weight 0.01 for the first 10k
-iterations, then 0.5), updates of D on every third iteration and of G on the
-others, and Adam weight decay 1e-5.
+Departures from the PyTorch-GAN reference (all configurable back; the audit:
+``docs/discogan.md``): the paper's GAN log loss (``loss.gan='lsgan'``: the reference's), the
+paper's L2 reconstruction (``loss.recon_distance='l1'``: the reference's), terms summed (the
+reference averages pairs), the pixelwise loss only with ``data.paired``, zero biases. The
+official SKTBrain code's feature matching, curriculum and alternating schedule are not ported.
 
 Evaluation: on the embedded pair, PSNR of each translation against its hidden
 counterpart (``eval/psnr_AtoB``, ``eval/psnr_BtoA``) next to the identity and

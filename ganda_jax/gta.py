@@ -52,46 +52,18 @@ stride-2 convT4 (BN-ReLU between, no biases) up to 32x32 and tanh;
 D = four [conv3-BN-LeakyReLU(0.2)-maxpool] (ndf, 2, 4, 2 ndf; the last pool 4x4
 to 1x1), then a linear real/fake logit and a linear N-way class head.
 
-Departures from the reference code (yogeshbalaji/Generate_To_Adapt, checked:
-main.py, trainer.py, models.py, eval.py; utils.py is not in the store, so its
-``weights_init`` and ``exp_lr_scheduler`` were not checked):
+Departures from the reference code (yogeshbalaji/Generate_To_Adapt; the audit:
+``docs/gta.md``):
 
-- Stale graphs. The reference's F loss backpropagates through ``outC``,
-  ``src_gen`` and ``tgt_gen`` built *before* ``optimizerC.step()`` and
-  ``optimizerG.step()`` (``retain_graph=True``), i.e. through the pre-update C
-  and G, whose weights the optimizers have since changed in place (current
-  PyTorch rejects that backward; not run here). Here every phase recomputes its
-  forward pass with the current parameters (the reference's G and F phases
-  re-run ``netD`` likewise). The reference's ``netG`` draws its noise inside
-  ``forward``, once per step for source and once for target, and reuses those
-  images in all phases; here ``step_inputs`` draws ``z, z'`` for all phases.
-- The reference's D ends its real/fake head with ``nn.Sigmoid`` and uses
-  ``nn.BCELoss``; here the head returns a logit and the loss is the same BCE
-  computed on logits (:func:`ganda_jax.losses.sigmoid_bce`, stable for large
-  logits). ``C`` and ``D_cls`` return logits into ``nn.CrossEntropyLoss`` in the
-  reference too (no double softmax there); here likewise
-  (:func:`ganda_jax.losses.softmax_cross_entropy`).
-- Evaluation. The reference's eval.py scores the target *training* set
-  (``mnist/trainset``) with the checkpoint chosen by source validation
-  accuracy; here both classifiers are scored on the held-out target *test*
-  split, at the last step (no model selection).
-- Images are RGB in ``[-1, 1]`` for every network; the reference uses
-  grayscale, F sees ``(x - 0.44) / 0.19`` and D sees ``[-1, 1]`` (the same
-  information up to an affine map absorbed by the first layer).
-- BatchNorm (G and D only) is :class:`ganda_jax.layers.BatchNorm` (eps 1e-5,
-  momentum 0.9, as PyTorch's defaults in the reference). G and D always
-  normalise with batch statistics, as in the reference (they are never put in
-  eval mode; separate calls on real source, generated source and generated
-  target are separate batches there and here). Their running averages are
-  kept only for completeness: updated once per step by the player's own phase.
-  Samples are drawn with batch statistics too.
-- Learning-rate decay (the reference's ``--lrd 1e-4`` on D, F and C via
-  ``utils.exp_lr_scheduler``, formula not checked) is left out: constant
-  learning rates (``optimizer.<group>.schedule`` can add one).
-- Conv and transposed-conv weights ~ N(0, 0.02) (the shared layers' DCGAN
-  init; assumed, not checked, to be the reference's ``weights_init``); dense
-  layers keep Flax's default init. :meth:`GTA.init` draws them from an
-  RngBitGenerator key derived from the given key (compile time, see there).
+- Every phase recomputes its forward pass with the current parameters (the reference's F loss
+  backpropagates through C and G graphs made before their optimizer steps).
+- D's real/fake head returns a logit and the BCE is computed on logits.
+- Both classifiers are scored on the held-out target *test* split at the last step (the
+  reference scores the target *training* set, with model selection on source validation).
+- RGB images in [-1, 1] for every network (the reference: grayscale, F normalised apart).
+- BatchNorm eps 1e-5, momentum 0.9; G and D always normalise with batch statistics, as there.
+- No learning-rate decay (the reference's ``--lrd``); DCGAN init N(0, 0.02) for convolutions,
+  drawn from an RngBitGenerator key (:meth:`GTA.init`).
 """
 
 from __future__ import annotations

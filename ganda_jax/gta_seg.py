@@ -70,32 +70,16 @@ reference code's values (train.py: ``l1_weight=1``, ``adv_weight=0.1``,
 and its auxiliary term 1). The loss weights printed in the paper itself were
 not checked here.
 
-Departures from the reference code (checked: code/torchfcn/trainer_LSD.py,
-code/torchfcn/models/fcn8s_LSD.py, model_utils.py, code/train.py):
+Departures from the reference code (LSD-seg; the audit: ``docs/gta_seg.md``):
 
-- The reference computes every forward pass once, before the D update, then
-  steps D, G and F on those graphs (``retain_graph=True``): G's loss uses D's
-  pre-update outputs and F's loss uses both D's and G's. Here each phase
-  recomputes what it needs with the parameters current at that point.
-- The reference sums its cross-entropies over pixels and divides by the batch
-  size (``size_average=False``), so every term is weighted by its pixel count
-  (C's loss at full resolution against D's at 1/8: 64x more pixels). Here
-  every term is a mean over valid pixels, so the weights are resolution
-  independent; with the reference's weights the adversarial terms therefore
-  count relatively more than in the reference.
-- The reference's F is FCN-8s from ImageNet-pretrained VGG-16 (padding-100
-  crops, learnable bilinear-initialised up-convolutions, dropout after fc6 and
-  fc7); here F is trained from scratch (no pretrained weights offline), uses
-  SAME padding, and C upsamples with fixed bilinear resizing. G's and D's
-  layer pattern follows the reference (instance norm, residual blocks
-  ``x + dropout(act(norm(conv(x))))``), at configurable widths; G ends in
-  ``tanh`` for [-1, 1] images (the reference: ``sigmoid`` on [0, 1] images).
-- The reference's Adam for F uses twice the learning rate for biases; one
-  rate here.
-- Initial weights and dropout masks are drawn with 'rbg' keys
-  (:func:`rbg_key`) instead of threefry: same distributions, much faster XLA
-  compilation on CPU. Evaluation is on the target test split only (the reference
-  validates on a source validation split during training).
+- Each phase recomputes its forward passes with the current parameters (the reference steps
+  D, G and F on graphs made before the D update).
+- Every loss term is a mean over valid pixels (the reference sums over pixels, which weights
+  each term by its resolution).
+- F is trained from scratch with SAME padding (no ImageNet VGG-16 offline) and C upsamples
+  bilinearly; G ends in ``tanh`` for [-1, 1] images; one Adam learning rate for F.
+- 'rbg' keys for initial weights and dropout (faster XLA:CPU compiles); evaluation on the
+  target test split only.
 """
 
 from __future__ import annotations

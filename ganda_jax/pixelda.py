@@ -52,30 +52,15 @@ transferred task weights, ``task_loss_in_g_weight``); the numbers the paper
 text itself reports for alpha and beta were not checked against the paper here.
 ``loss.gan='lsgan'`` gives the PyTorch-GAN reference's least-squares losses.
 
-Departures and reference notes:
+Departures from the references (PyTorch-GAN's pixelda, the authors' TensorFlow code; the
+audit: ``docs/pixelda.md``):
 
-- The PyTorch-GAN reference (implementations/pixelda/pixelda.py) ends its
-  classifier with ``nn.Softmax()`` and feeds that to ``nn.CrossEntropyLoss``,
-  which applies log-softmax itself: the loss becomes CE(softmax(p)), bounded and
-  with gradients squashed. That is a bug; here T returns logits and
-  :func:`ganda_jax.losses.softmax_cross_entropy` takes them directly.
-- The reference runs G+T first, then D on the fakes made before the update,
-  with LSGAN losses, ``lambda_adv=1`` and ``lambda_task=0.1`` on the *mean* of
-  the two CE terms (= ``task_weight=0.05`` here, where the terms are summed as
-  in the paper). This port runs D first, then G/T, as the authors' TensorFlow
-  code (tensorflow/models research/domain_adaptation/pixel_domain_adaptation)
-  does. That code trains T inside its D step (for a fixed G) and G alone in its
-  G step; here T is updated with G in one phase, as the reference does.
-- BatchNorm (in G only) is :class:`ganda_jax.layers.BatchNorm`: eps 1e-5,
-  momentum 0.9 (the authors' code: eps 1e-3, decay 0.9; the reference:
-  PyTorch's default eps 1e-5, not the eps=0.8 slip found in other PyTorch-GAN
-  models). G runs on batch statistics in both phases; its running statistics
-  are updated once per step, by the G/T phase (returned via
-  ``engine.Out.model_state``, kept in ``TrainState.model_state['G']``), and used
-  for samples.
-- The authors' D is a global one (a stride-1 conv, stride-2 convs down to 4x4,
-  BatchNorm, Gaussian noise 0.2 and dropout 0.9 on hidden layers, one logit);
-  the PatchGAN here follows the reference and the shared layers instead.
+- T returns logits into the cross-entropy (the PyTorch-GAN reference puts a softmax first).
+- D first, then G and T together in one phase (the authors' order; their T trains in the D
+  step); the task terms summed as in the paper (the reference averages them).
+- BatchNorm (G only) eps 1e-5, momentum 0.9; G's running statistics are updated once per
+  step, by the G/T phase, and used for samples.
+- D is the shared PatchGAN (as the reference), not the authors' global D.
 """
 
 from __future__ import annotations
