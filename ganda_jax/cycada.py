@@ -20,8 +20,10 @@ where ``f_S`` is the source task network, trained first and then *frozen*.
 The paper trains this in stages, and so does this port; one config drives all
 of them (``config.stage``), each stage a run of its own in ``workdir/<stage>``
 that warm-starts from the final checkpoints of the stages before it
-(:meth:`CyCADA.warm_start`, :meth:`CyCADA.stage_configs`; ``stage='all'`` runs
-the three in order, a re-run resumes the interrupted one):
+(:meth:`CyCADA.stage_configs`; ``stage='all'`` runs the three in order, a re-run
+resumes the interrupted one). Each stage is a method of its own over shared parts
+(:class:`Pretrain`, :class:`Pixel`, :class:`Feature`; ``CyCADA(config)`` picks
+``config.stage``'s):
 
 0. **pretrain** (player ``f_S``): ``min L_task(f_S, X_S, Y_S)``.
 1. **pixel** (players ``G_st, G_ts`` | ``D_s, D_t``; ``f_S`` frozen in
@@ -220,23 +222,19 @@ def stage_config(
     return c
 
 
-class CyCADA(engine.Method):
+class _CyCADA(engine.Method):
+    """The parts the three stages share: task network, CycleGAN, D_feat, data, evaluation."""
+
     name = "cycada"
+    stage = ""
     discriminator_phases = ("D", "D_feat")
+    #: network (of ``_eval_networks``) -> its eval metric prefix
+    eval_names: dict[str, str] = {}
 
     def __init__(self, config):
         super().__init__(config)
-        if config.stage not in STAGES:
-            raise ValueError(
-                f"a CyCADA run trains one stage of {STAGES}, got stage={config.stage!r} "
-                "('all' is run stage by stage by trainer.train)"
-            )
         if config.task not in TASKS:
             raise ValueError(f"unknown task {config.task!r}; expected one of {TASKS}")
-        self.stage = config.stage
-        self.players = PLAYERS[self.stage]
-        if self.stage == "feature":  # (f_S's eval/source_only_* of the other stages stay)
-            self.baselines = FEATURE_BASELINES
         self.segment = config.task == "segment"
         m = config.model
         if m.feature not in ("logits", "penultimate"):
@@ -262,18 +260,6 @@ class CyCADA(engine.Method):
         self.D_feat = FeatureDiscriminator(hidden=tuple(m.d_feat_hidden), dtype=self.dtype)
         # The CycleGAN (networks, losses, image pools) by composition; A = source, B = target.
         self.cyclegan = cyclegan.CycleGAN(config)
-
-    @classmethod
-    def stage_configs(cls, config, workdir):
-        """``[(stage, config)]`` of ``config.stage`` (all three for 'all'), for trainer.train."""
-        total = sum(int(config.stage_steps[s]) for s in STAGES)
-        if int(config.num_train_steps) != total:
-            raise ValueError(
-                f"config.num_train_steps={config.num_train_steps} but CyCADA's step counts are "
-                f"config.stage_steps (sum {total}); set --config.stage_steps.<stage>=N instead"
-            )
-        stages = STAGES if config.stage == "all" else (config.stage,)
-        return [(s, stage_config(config, s, workdir)) for s in stages]
 
     # --- data -----------------------------------------------------------------
     @property
@@ -329,82 +315,6 @@ class CyCADA(engine.Method):
         replaces (nothing random to compile; an all-zero network shows a missing warm start)."""
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(init_fn, *args))
 
-    def init(self, rng, batch):
-        x = batch["source"][:1]
-        k_task, k_pix, k_d = jax.random.split(rng, 3)
-        if self.stage == "pretrain":
-            v = self._task_init(k_task, x)
-            return {"f_S": v.pop("params")}, ({"f_S": v} if v else {}), {}
-        if self.stage == "pixel":
-            f_s = self._zeros_like_init(self._task_init, k_task, x)  # frozen: from warm_start
-            cg_params, _, pools = self.cyclegan.init(
-                k_pix, {"A": batch["source"], "B": batch["target"]}
-            )
-            params = {
-                "G_st": cg_params["G_AB"],
-                "G_ts": cg_params["G_BA"],
-                "D_s": cg_params["D_A"],
-                "D_t": cg_params["D_B"],
-            }
-            return params, {}, {**pools, "f_S": f_s}
-        # feature: f_T and both baselines start from f_S, and f_S and G_st are frozen: all
-        # four come from warm_start. Only D_feat starts from a random init.
-        f_s = self._zeros_like_init(self._task_init, k_task, x)
-        t = dict(f_s)
-        t_params = t.pop("params")
-        phi = self.phi(*jax.eval_shape(functools.partial(self.task_net.apply, train=False), f_s, x))
-        params = {
-            "D_feat": self.D_feat.init(k_d, jnp.zeros(phi.shape, phi.dtype))["params"],
-            "f_T": t_params,
-        }
-        model_state = {"f_T": t} if t else {}
-        g_st = self._zeros_like_init(self.cyclegan.G.init, k_pix, x)["params"]
-        return params, model_state, {"G_st": g_st, "f_S": f_s}
-
-    def warm_start(self, state, restore):
-        """Loads the earlier stages' final parameters (``f_S``, ``G_st``) into a fresh state.
-
-        ``config.pretrain_workdir`` / ``pixel_workdir`` (filled in by
-        :meth:`stage_configs`; empty: no warm start, for unit tests only).
-        """
-        cfg, copy = self.config, functools.partial(jax.tree.map, jnp.copy)
-        if self.stage == "pretrain":
-            return state
-        extra, params, model_state = dict(state.extra), dict(state.params), dict(state.model_state)
-        if cfg.pretrain_workdir:
-            pre = restore(stage_config(cfg, "pretrain"), cfg.pretrain_workdir)
-            f_s = {"params": pre.params["f_S"], **pre.model_state.get("f_S", {})}
-            extra["f_S"] = f_s
-            if self.stage == "feature":  # f_T and the baselines' copies start from f_S
-                for p in ("f_T", *(c for b in self.baselines for c in b.copies)):
-                    params[p] = copy(pre.params["f_S"])
-                    if "f_S" in pre.model_state:
-                        model_state[p] = copy(pre.model_state["f_S"])
-        if self.stage == "feature" and cfg.pixel_workdir:
-            pixel = restore(stage_config(cfg, "pixel"), cfg.pixel_workdir)
-            extra["G_st"] = pixel.params["G_st"]
-        return state.replace(params=params, model_state=model_state, extra=extra)
-
-    # --- phases -------------------------------------------------------------------
-    def phases(self):
-        if self.stage == "pretrain":
-            return (engine.Phase("f_S", ("f_S",), self.pretrain_loss),)
-        if self.stage == "pixel":
-            return (
-                engine.Phase("G", ("G_st", "G_ts"), self.pixel_generator_loss),
-                engine.Phase("D", ("D_s", "D_t"), self.pixel_discriminator_loss),
-            )
-        return (
-            engine.Phase("D_feat", ("D_feat",), self.feature_discriminator_loss),
-            engine.Phase("f_T", ("f_T",), self.feature_task_loss),
-        )
-
-    def step_inputs(self, rng, batch, extra):
-        if self.stage != "feature":
-            return {}
-        # x_st = G_st(x_s) from the frozen pixel-stage generator, made once per step.
-        return {"x_st": self.translate(extra["G_st"], batch["source"])}
-
     def _supervised(self, params, inp, player: str, x, y):
         logits, _, new = self.task_apply(
             self.player_vars(params, inp.model_state, player), x, train=True, rng=inp.rng
@@ -413,126 +323,7 @@ class CyCADA(engine.Method):
         metrics = {"ce": ce, "acc": self.task_acc(logits, y)}
         return ce, engine.Out(metrics=metrics, model_state={player: new} if new else {})
 
-    def supervised_loss(self, params, inp, images, labels):
-        """L_task(f_T, images, labels): what the feature stage's baselines minimise."""
-        return self._supervised(params, inp, "f_T", images, labels)
-
-    # stage 0
-    def pretrain_loss(self, params, inp: engine.PhaseInputs):
-        """L_task(f_S, X_S, Y_S)."""
-        ce, out = self._supervised(params, inp, "f_S", inp.batch["source"], inp.batch["label"])
-        return ce, out.replace(metrics={f"f_S/{k}": v for k, v in out.metrics.items()})
-
-    # stage 1
-    @staticmethod
-    def _cyclegan_params(params):
-        return {
-            "G_AB": params["G_st"],
-            "G_BA": params["G_ts"],
-            "D_A": params["D_s"],
-            "D_B": params["D_t"],
-        }
-
-    @staticmethod
-    def _cyclegan_inputs(inp: engine.PhaseInputs):
-        return inp._replace(batch={"A": inp.batch["source"], "B": inp.batch["target"]})
-
-    def pixel_generator_loss(self, params, inp: engine.PhaseInputs):
-        """CycleGAN's generator loss (A = source) + semantic_weight * L_sem through frozen f_S."""
-        cfg, b = self.config.loss, inp.batch
-        loss, aux = self.cyclegan.generator_loss(
-            self._cyclegan_params(params), self._cyclegan_inputs(inp)
-        )
-        cg = aux.metrics
-        fake_t, fake_s = aux.carry["fake_B"], aux.carry["fake_A"]  # G_st(x_s), G_ts(x_t)
-        loss += (cfg.adv_weight_st - 1.0) * cg["G/adv_AtoB"]
-
-        f_s = inp.extra["f_S"]
-        apply = lambda x: self.task_apply(f_s, x, train=False)[0]
-        # p(f_S, x): labels from the frozen network, no gradient.
-        pred_s = jnp.argmax(jax.lax.stop_gradient(apply(b["source"])), axis=-1)
-        pred_t = jnp.argmax(jax.lax.stop_gradient(apply(b["target"])), axis=-1)
-        labels_s = b["label"] if cfg.semantic_source_labels == "ground_truth" else pred_s
-        logits_st, logits_ts = apply(fake_t), apply(fake_s)
-        sem_st = self.task_ce(logits_st, labels_s)
-        sem_ts = losses.softmax_cross_entropy(logits=logits_ts, labels=pred_t)
-        loss += cfg.semantic_weight * (sem_st + sem_ts)
-
-        metrics = {
-            "G_st/adv": cg["G/adv_AtoB"],
-            "G_ts/adv": cg["G/adv_BtoA"],
-            "G/cycle_s": cg["G/cycle_A"],
-            "G/cycle_t": cg["G/cycle_B"],
-            "G/sem_st": sem_st,
-            "G/sem_ts": sem_ts,
-            # Does f_S still read the true labels in the translated source images?
-            "G/sem_st_label_acc": self.task_acc(logits_st, b["label"]),
-        }
-        if "G/identity_A" in cg:
-            metrics.update({"G/identity_s": cg["G/identity_A"], "G/identity_t": cg["G/identity_B"]})
-        return loss, engine.Out(metrics=metrics, carry=aux.carry)
-
-    def pixel_discriminator_loss(self, params, inp: engine.PhaseInputs):
-        """CycleGAN's discriminator loss on the pooled fakes of the G phase."""
-        loss, aux = self.cyclegan.discriminator_loss(
-            self._cyclegan_params(params), self._cyclegan_inputs(inp)
-        )
-        m = aux.metrics
-        return loss, engine.Out(metrics={"D_s/adv": m["D/A"], "D_t/adv": m["D/B"]}, extra=aux.extra)
-
-    # stage 2
-    def _f_T_both(self, params, inp, x_st):
-        """f_T on ``[x_st; x_t]`` in one batch: (logits_s, logits_t, phi_s, phi_t, stats)."""
-        n = x_st.shape[0]
-        x = jnp.concatenate([x_st, inp.batch["target"]], axis=0)
-        logits, feats, new = self.task_apply(
-            self.player_vars(params, inp.model_state, "f_T"), x, train=True, rng=inp.rng
-        )
-        phi = self.phi(logits, feats)
-        return logits[:n], logits[n:], phi[:n], phi[n:], new
-
-    def feature_discriminator_loss(self, params, inp: engine.PhaseInputs):
-        """D_feat: translated-source representations are 'real', target ones 'fake'."""
-        cfg = self.config.loss
-        _, _, phi_s, phi_t, _ = self._f_T_both(params, inp, inp.draws["x_st"])
-        real = self.D_feat.apply({"params": params["D_feat"]}, jax.lax.stop_gradient(phi_s))
-        fake = self.D_feat.apply({"params": params["D_feat"]}, jax.lax.stop_gradient(phi_t))
-        loss = losses.gan_discriminator_loss(
-            real_logits=real, fake_logits=fake, loss_type=cfg.feature_gan
-        )
-        metrics = {
-            "D_feat/adv": loss,
-            "D_feat/real_logit": jnp.mean(real),
-            "D_feat/fake_logit": jnp.mean(fake),
-            # Domain accuracy of D_feat (the reference's ADDA logs and gates on it).
-            "D_feat/acc": 0.5 * (jnp.mean(real > 0) + jnp.mean(fake <= 0)),
-        }
-        return loss, engine.Out(metrics=metrics)
-
-    def feature_task_loss(self, params, inp: engine.PhaseInputs):
-        """f_T: task loss on translated source + feature-level generator loss on the target."""
-        cfg, y = self.config.loss, inp.batch["label"]
-        logits_s, _, _, phi_t, new = self._f_T_both(params, inp, inp.draws["x_st"])
-        ce = self.task_ce(logits_s, y)
-        adv = losses.gan_generator_loss(
-            fake_logits=self.D_feat.apply({"params": params["D_feat"]}, phi_t),
-            loss_type=cfg.feature_gan,
-        )
-        metrics = {"f_T/ce": ce, "f_T/adv": adv, "f_T/acc": self.task_acc(logits_s, y)}
-        loss = cfg.task_weight * ce + cfg.feature_weight * adv
-        return loss, engine.Out(metrics=metrics, model_state={"f_T": new} if new else {})
-
     # --- evaluation ---------------------------------------------------------------
-    def _eval_networks(self, state):
-        """``({name: variables}, generators)`` scored at this stage (running BN averages)."""
-        p, ms, ex = state.params, state.model_state, state.extra
-        if self.stage == "pretrain":
-            return {"f_S": self.player_vars(p, ms, "f_S")}, {}
-        if self.stage == "pixel":
-            return {"f_S": ex["f_S"]}, {"G_st": p["G_st"], "G_ts": p["G_ts"]}
-        nets = {q: self.player_vars(p, ms, q) for q in ("f_T", "T_pix", "T_src")}
-        return {**nets, "f_S": ex["f_S"]}, {}
-
     def _logits_fn(self, params, x):
         nets, gens = params
         out = {k: self.task_apply(v, x, train=False)[0] for k, v in nets.items()}
@@ -600,23 +391,13 @@ class CyCADA(engine.Method):
                     k = f"target_{k}" if prefix == "eval/" else k
                 out[f"{prefix}{k}"] = v
 
-        names = {
-            "pretrain": {"f_S": "eval/source_only_"},
-            "pixel": {"f_S": "eval/source_only_", "f_S_G_ts": "eval/target_to_source_"},
-            "feature": {
-                "f_T": "eval/",
-                "T_pix": "eval/pixel_only_",
-                "T_src": "eval/source_only_",
-                "f_S": "eval/pretrained_source_only_",
-            },
-        }[self.stage]
-        for net, prefix in names.items():
+        for net, prefix in self.eval_names.items():
             put(prefix, tgt[net], source=False)
             if net != "f_S_G_ts":
                 put(prefix, src[net], source=True)
-        if self.stage == "pixel":
+        if "f_S_G_st" in src:  # pixel stage
             put("eval/source_to_target_label_", src["f_S_G_st"], source=False)
-        if self.stage == "feature":
+        if "T_src" in tgt:  # feature stage
             out["eval/adaptation_gain"] = tgt["f_T"][main] - tgt["T_src"][main]
         return out
 
@@ -628,29 +409,296 @@ class CyCADA(engine.Method):
     def _predict_fn(self):
         return jax.jit(lambda v, x: jnp.argmax(self.task_apply(v, x, train=False)[0], -1))
 
+    def _sample_images(self, n: int = 8):
+        """The first ``n`` source and target test images, float32 in [-1, 1]."""
+        return tuple(
+            image_metrics.from_uint8(self.data.test_split(d)["image"][:n], np.float32)
+            for d in ("source", "target")
+        )
+
+
+class Pretrain(_CyCADA):
+    """Stage 0: the source task network, ``min L_task(f_S, X_S, Y_S)``."""
+
+    stage = "pretrain"
+    players = PLAYERS["pretrain"]
+    eval_names = {"f_S": "eval/source_only_"}
+
+    def init(self, rng, batch):
+        v = self._task_init(jax.random.split(rng, 3)[0], batch["source"][:1])
+        return {"f_S": v.pop("params")}, ({"f_S": v} if v else {}), {}
+
+    def phases(self):
+        return (engine.Phase("f_S", ("f_S",), self.pretrain_loss),)
+
+    def pretrain_loss(self, params, inp: engine.PhaseInputs):
+        """L_task(f_S, X_S, Y_S)."""
+        ce, out = self._supervised(params, inp, "f_S", inp.batch["source"], inp.batch["label"])
+        return ce, out.replace(metrics={f"f_S/{k}": v for k, v in out.metrics.items()})
+
+    def _eval_networks(self, state):
+        return {"f_S": self.player_vars(state.params, state.model_state, "f_S")}, {}
+
     def samples(self, state, batch):
-        """pixel: rows x_s, G_st(x_s), G_ts(G_st(x_s)), x_t, G_ts(x_t), G_st(G_ts(x_t));
-        feature: x_s, G_st(x_s), x_t (+ for segmentation: f_T's and T_src's target maps, truth)."""
+        return {}
+
+
+class Pixel(_CyCADA):
+    """Stage 1: CycleGAN + the semantic loss through the frozen ``f_S`` (in ``extra``)."""
+
+    stage = "pixel"
+    players = PLAYERS["pixel"]
+    eval_names = {"f_S": "eval/source_only_", "f_S_G_ts": "eval/target_to_source_"}
+
+    def init(self, rng, batch):
+        x = batch["source"][:1]
+        k_task, k_pix, _ = jax.random.split(rng, 3)
+        f_s = self._zeros_like_init(self._task_init, k_task, x)  # frozen: from warm_start
+        cg_params, _, pools = self.cyclegan.init(
+            k_pix, {"A": batch["source"], "B": batch["target"]}
+        )
+        params = {
+            "G_st": cg_params["G_AB"],
+            "G_ts": cg_params["G_BA"],
+            "D_s": cg_params["D_A"],
+            "D_t": cg_params["D_B"],
+        }
+        return params, {}, {**pools, "f_S": f_s}
+
+    def warm_start(self, state, restore):
+        """``f_S`` from the pretrain stage's final checkpoint (``config.pretrain_workdir``,
+        filled in by :meth:`CyCADA.stage_configs`; empty: no warm start, for unit tests)."""
+        if not self.config.pretrain_workdir:
+            return state
+        pre = restore(stage_config(self.config, "pretrain"), self.config.pretrain_workdir)
+        f_s = {"params": pre.params["f_S"], **pre.model_state.get("f_S", {})}
+        return state.replace(extra={**state.extra, "f_S": f_s})
+
+    def phases(self):
+        return (
+            engine.Phase("G", ("G_st", "G_ts"), self.pixel_generator_loss),
+            engine.Phase("D", ("D_s", "D_t"), self.pixel_discriminator_loss),
+        )
+
+    @staticmethod
+    def _cyclegan_params(params):
+        return {
+            "G_AB": params["G_st"],
+            "G_BA": params["G_ts"],
+            "D_A": params["D_s"],
+            "D_B": params["D_t"],
+        }
+
+    @staticmethod
+    def _cyclegan_inputs(inp: engine.PhaseInputs):
+        return inp._replace(batch={"A": inp.batch["source"], "B": inp.batch["target"]})
+
+    def pixel_generator_loss(self, params, inp: engine.PhaseInputs):
+        """CycleGAN's generator loss (A = source) + semantic_weight * L_sem through frozen f_S."""
+        cfg, b = self.config.loss, inp.batch
+        loss, aux = self.cyclegan.generator_loss(
+            self._cyclegan_params(params), self._cyclegan_inputs(inp)
+        )
+        cg = aux.metrics
+        fake_t, fake_s = aux.carry["fake_B"], aux.carry["fake_A"]  # G_st(x_s), G_ts(x_t)
+        loss += (cfg.adv_weight_st - 1.0) * cg["G/adv_AtoB"]
+
+        f_s = inp.extra["f_S"]
+        apply = lambda x: self.task_apply(f_s, x, train=False)[0]
+        # p(f_S, x): labels from the frozen network, no gradient.
+        pred_s = jnp.argmax(jax.lax.stop_gradient(apply(b["source"])), axis=-1)
+        pred_t = jnp.argmax(jax.lax.stop_gradient(apply(b["target"])), axis=-1)
+        labels_s = b["label"] if cfg.semantic_source_labels == "ground_truth" else pred_s
+        logits_st, logits_ts = apply(fake_t), apply(fake_s)
+        sem_st = self.task_ce(logits_st, labels_s)
+        sem_ts = losses.softmax_cross_entropy(logits=logits_ts, labels=pred_t)
+        loss += cfg.semantic_weight * (sem_st + sem_ts)
+
+        metrics = {
+            "G_st/adv": cg["G/adv_AtoB"],
+            "G_ts/adv": cg["G/adv_BtoA"],
+            "G/cycle_s": cg["G/cycle_A"],
+            "G/cycle_t": cg["G/cycle_B"],
+            "G/sem_st": sem_st,
+            "G/sem_ts": sem_ts,
+            # Does f_S still read the true labels in the translated source images?
+            "G/sem_st_label_acc": self.task_acc(logits_st, b["label"]),
+        }
+        if "G/identity_A" in cg:
+            metrics.update({"G/identity_s": cg["G/identity_A"], "G/identity_t": cg["G/identity_B"]})
+        return loss, engine.Out(metrics=metrics, carry=aux.carry)
+
+    def pixel_discriminator_loss(self, params, inp: engine.PhaseInputs):
+        """CycleGAN's discriminator loss on the pooled fakes of the G phase."""
+        loss, aux = self.cyclegan.discriminator_loss(
+            self._cyclegan_params(params), self._cyclegan_inputs(inp)
+        )
+        m = aux.metrics
+        return loss, engine.Out(metrics={"D_s/adv": m["D/A"], "D_t/adv": m["D/B"]}, extra=aux.extra)
+
+    def _eval_networks(self, state):
+        p = state.params
+        return {"f_S": state.extra["f_S"]}, {"G_st": p["G_st"], "G_ts": p["G_ts"]}
+
+    def samples(self, state, batch):
+        """Rows x_s, G_st(x_s), G_ts(G_st(x_s)), x_t, G_ts(x_t), G_st(G_ts(x_t))."""
         from ganda_jax.writers import image_grid
 
-        if self.stage == "pretrain":
-            return {}
-        cfg, n = self.config, 8
-        src = self.data.test_split("source")
-        tgt = self.data.test_split("target")
-        s = image_metrics.from_uint8(src["image"][:n], np.float32)
-        t = image_metrics.from_uint8(tgt["image"][:n], np.float32)
+        s, t = self._sample_images()
+        p = jax.device_get(state.params)
+        tr = lambda g, x: np.asarray(self._translate_fn(g, x))  # noqa: E731
+        st, ts = tr(p["G_st"], s), tr(p["G_ts"], t)
+        rows = [s, st, tr(p["G_ts"], st), t, ts, tr(p["G_st"], ts)]
+        return {"source_to_target_and_back": image_grid(rows)}
+
+
+class Feature(_CyCADA):
+    """Stage 2: ``f_T`` (from ``f_S``) on the translated source, adversarial on features."""
+
+    stage = "feature"
+    players = PLAYERS["feature"]
+    baselines = FEATURE_BASELINES  # (the other stages' eval/source_only_* are f_S's)
+    eval_names = {
+        "f_T": "eval/",
+        "T_pix": "eval/pixel_only_",
+        "T_src": "eval/source_only_",
+        "f_S": "eval/pretrained_source_only_",
+    }
+
+    def init(self, rng, batch):
+        # f_T (and the baselines' copies) start from f_S, and f_S and G_st are frozen: all come
+        # from warm_start. Only D_feat starts from a random init.
+        x = batch["source"][:1]
+        k_task, k_pix, k_d = jax.random.split(rng, 3)
+        f_s = self._zeros_like_init(self._task_init, k_task, x)
+        t = dict(f_s)
+        t_params = t.pop("params")
+        phi = self.phi(*jax.eval_shape(functools.partial(self.task_net.apply, train=False), f_s, x))
+        params = {
+            "D_feat": self.D_feat.init(k_d, jnp.zeros(phi.shape, phi.dtype))["params"],
+            "f_T": t_params,
+        }
+        model_state = {"f_T": t} if t else {}
+        g_st = self._zeros_like_init(self.cyclegan.G.init, k_pix, x)["params"]
+        return params, model_state, {"G_st": g_st, "f_S": f_s}
+
+    def warm_start(self, state, restore):
+        """``f_S`` (also the start of ``f_T`` and the baselines' copies) and ``G_st`` from the
+        earlier stages' final checkpoints (``config.pretrain_workdir``, ``pixel_workdir``)."""
+        cfg, copy = self.config, functools.partial(jax.tree.map, jnp.copy)
+        extra, params, model_state = dict(state.extra), dict(state.params), dict(state.model_state)
+        if cfg.pretrain_workdir:
+            pre = restore(stage_config(cfg, "pretrain"), cfg.pretrain_workdir)
+            extra["f_S"] = {"params": pre.params["f_S"], **pre.model_state.get("f_S", {})}
+            for p in ("f_T", *(c for b in self.baselines for c in b.copies)):
+                params[p] = copy(pre.params["f_S"])
+                if "f_S" in pre.model_state:
+                    model_state[p] = copy(pre.model_state["f_S"])
+        if cfg.pixel_workdir:
+            pixel = restore(stage_config(cfg, "pixel"), cfg.pixel_workdir)
+            extra["G_st"] = pixel.params["G_st"]
+        return state.replace(params=params, model_state=model_state, extra=extra)
+
+    def phases(self):
+        return (
+            engine.Phase("D_feat", ("D_feat",), self.feature_discriminator_loss),
+            engine.Phase("f_T", ("f_T",), self.feature_task_loss),
+        )
+
+    def step_inputs(self, rng, batch, extra):
+        # x_st = G_st(x_s) from the frozen pixel-stage generator, made once per step.
+        return {"x_st": self.translate(extra["G_st"], batch["source"])}
+
+    def supervised_loss(self, params, inp, images, labels):
+        """L_task(f_T, images, labels): what the feature stage's baselines minimise."""
+        return self._supervised(params, inp, "f_T", images, labels)
+
+    def _f_T_both(self, params, inp, x_st):
+        """f_T on ``[x_st; x_t]`` in one batch: (logits_s, logits_t, phi_s, phi_t, stats)."""
+        n = x_st.shape[0]
+        x = jnp.concatenate([x_st, inp.batch["target"]], axis=0)
+        logits, feats, new = self.task_apply(
+            self.player_vars(params, inp.model_state, "f_T"), x, train=True, rng=inp.rng
+        )
+        phi = self.phi(logits, feats)
+        return logits[:n], logits[n:], phi[:n], phi[n:], new
+
+    def feature_discriminator_loss(self, params, inp: engine.PhaseInputs):
+        """D_feat: translated-source representations are 'real', target ones 'fake'."""
+        cfg = self.config.loss
+        _, _, phi_s, phi_t, _ = self._f_T_both(params, inp, inp.draws["x_st"])
+        real = self.D_feat.apply({"params": params["D_feat"]}, jax.lax.stop_gradient(phi_s))
+        fake = self.D_feat.apply({"params": params["D_feat"]}, jax.lax.stop_gradient(phi_t))
+        loss = losses.gan_discriminator_loss(
+            real_logits=real, fake_logits=fake, loss_type=cfg.feature_gan
+        )
+        metrics = {
+            "D_feat/adv": loss,
+            "D_feat/real_logit": jnp.mean(real),
+            "D_feat/fake_logit": jnp.mean(fake),
+            # Domain accuracy of D_feat (the reference's ADDA logs and gates on it).
+            "D_feat/acc": 0.5 * (jnp.mean(real > 0) + jnp.mean(fake <= 0)),
+        }
+        return loss, engine.Out(metrics=metrics)
+
+    def feature_task_loss(self, params, inp: engine.PhaseInputs):
+        """f_T: task loss on translated source + feature-level generator loss on the target."""
+        cfg, y = self.config.loss, inp.batch["label"]
+        logits_s, _, _, phi_t, new = self._f_T_both(params, inp, inp.draws["x_st"])
+        ce = self.task_ce(logits_s, y)
+        adv = losses.gan_generator_loss(
+            fake_logits=self.D_feat.apply({"params": params["D_feat"]}, phi_t),
+            loss_type=cfg.feature_gan,
+        )
+        metrics = {"f_T/ce": ce, "f_T/adv": adv, "f_T/acc": self.task_acc(logits_s, y)}
+        loss = cfg.task_weight * ce + cfg.feature_weight * adv
+        return loss, engine.Out(metrics=metrics, model_state={"f_T": new} if new else {})
+
+    def _eval_networks(self, state):
+        p, ms = state.params, state.model_state
+        nets = {q: self.player_vars(p, ms, q) for q in ("f_T", "T_pix", "T_src")}
+        return {**nets, "f_S": state.extra["f_S"]}, {}
+
+    def samples(self, state, batch):
+        """Rows x_s, G_st(x_s), x_t (+ for segmentation: f_T's and T_src's target maps, truth)."""
+        from ganda_jax.writers import image_grid
+
+        s, t = self._sample_images()
         p, ex = jax.device_get(state.params), jax.device_get(state.extra)
-        tr = lambda g, x: np.asarray(self._translate_fn(g, x))
-        if self.stage == "pixel":
-            st, ts = tr(p["G_st"], s), tr(p["G_ts"], t)
-            rows = [s, st, tr(p["G_ts"], st), t, ts, tr(p["G_st"], ts)]
-            return {"source_to_target_and_back": image_grid(rows)}
-        rows = [s, tr(ex["G_st"], s), t]
+        rows = [s, np.asarray(self._translate_fn(ex["G_st"], s)), t]
         if self.segment:
-            ms, k = jax.device_get(state.model_state), cfg.data.num_classes
+            ms, k = jax.device_get(state.model_state), self.config.data.num_classes
             for q in ("f_T", "T_src"):
                 pred = self._predict_fn(self.player_vars(p, ms, q), t)
                 rows.append(seg_eval.colorize(np.asarray(pred), k))
-            rows.append(seg_eval.colorize(tgt["label"][:n], k))
+            rows.append(seg_eval.colorize(self.data.test_split("target")["label"][:8], k))
         return {"translated_source_and_target": image_grid(rows)}
+
+
+STAGE_METHODS = {"pretrain": Pretrain, "pixel": Pixel, "feature": Feature}
+
+
+class CyCADA:
+    """The registry's ``cycada``: ``CyCADA(config)`` is the method of ``config.stage``
+    (:class:`Pretrain`, :class:`Pixel` or :class:`Feature`); :meth:`stage_configs` splits
+    ``stage='all'`` into the three runs, which ``trainer.train`` trains in order."""
+
+    def __new__(cls, config):
+        if config.stage not in STAGES:
+            raise ValueError(
+                f"a CyCADA run trains one stage of {STAGES}, got stage={config.stage!r} "
+                "('all' is run stage by stage by trainer.train)"
+            )
+        return STAGE_METHODS[config.stage](config)
+
+    @classmethod
+    def stage_configs(cls, config, workdir):
+        """``[(stage, config)]`` of ``config.stage`` (all three for 'all'), for trainer.train."""
+        total = sum(int(config.stage_steps[s]) for s in STAGES)
+        if int(config.num_train_steps) != total:
+            raise ValueError(
+                f"config.num_train_steps={config.num_train_steps} but CyCADA's step counts are "
+                f"config.stage_steps (sum {total}); set --config.stage_steps.<stage>=N instead"
+            )
+        stages = STAGES if config.stage == "all" else (config.stage,)
+        return [(s, stage_config(config, s, workdir)) for s in stages]

@@ -62,14 +62,18 @@ def _softplus(x):
 def staged(tmp_path_factory):
     """``stage='all'`` interrupted inside the pretrain stage, then re-run to the end."""
     cfg, wd, mesh = _tiny_config(), tmp_path_factory.mktemp("cycada"), parallel.make_mesh(2)
-    calls, warm_start = [], cycada.CyCADA.warm_start
+    calls = []
 
-    def spy(self, state, restore):
-        calls.append(self.stage)
-        return warm_start(self, state, restore)
+    def spy(warm_start):
+        def wrapped(self, state, restore):
+            calls.append(self.stage)
+            return warm_start(self, state, restore)
+
+        return wrapped
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cycada.CyCADA, "warm_start", spy)
+        for cls in cycada.STAGE_METHODS.values():
+            mp.setattr(cls, "warm_start", spy(cls.warm_start))
         trainer.train(cfg, str(wd), max_steps=STOP, mesh=mesh)
         first = {
             "calls": list(calls),
