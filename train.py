@@ -10,7 +10,7 @@ the trainer's progress and evaluations; --verbose adds the libraries' INFO lines
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ganda_jax import trainer, writers
+from ganda_jax.train import trainer, writers
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (path[:variants]).", lock_config=True

@@ -9,7 +9,7 @@ gradient with respect to the input, and the gradient with respect to the weights
 shifted-slice GEMMs (im2col by hand, checked against XLA's), and reports GFLOP/s counting
 2 * N * H * W * Cin * Cout * 9 FLOPs per pass. With torch installed, the same
 forward and forward + backward in PyTorch (``--threads`` threads) for a ratio in
-the same run. Compiled with the training steps' options (``conv.compiler_options()``;
+the same run. Compiled with the training steps' options (``cpu_conv.compiler_options()``;
 ``--ynn-convs`` for XLA's defaults). Prints a table; ``--json PATH`` writes the rows.
 """
 
@@ -27,17 +27,17 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from conv_layers import median_seconds  # noqa: E402
 
-from ganda_jax import conv  # noqa: E402
+from ganda_jax.nets import cpu_conv  # noqa: E402
 
-conv.CPU_GRADIENTS = True  # the rows below compare it with XLA's
+cpu_conv.CPU_GRADIENTS = True  # the rows below compare it with XLA's
 
 DN = ("NHWC", "HWIO", "NHWC")
 
 
 def _jit(fn):
-    """``jax.jit`` with the training steps' compiler options (``conv.compiler_options()``:
+    """``jax.jit`` with the training steps' compiler options (``cpu_conv.compiler_options()``:
     XLA's own convolutions on CPU; ``--ynn-convs`` for XLA's default YNNPACK ones)."""
-    return jax.jit(fn, compiler_options=conv.compiler_options())
+    return jax.jit(fn, compiler_options=cpu_conv.compiler_options())
 
 
 def jax_rows(n, size, c, repeats):
@@ -68,7 +68,7 @@ def jax_rows(n, size, c, repeats):
         return jnp.stack(taps).reshape(3, 3, c, c)
 
     def loss_ganda(w, x):
-        y = conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
+        y = cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
         return jnp.sum(y * y)
 
     ganda_gx = _jit(jax.grad(loss_ganda, argnums=1))
@@ -78,7 +78,9 @@ def jax_rows(n, size, c, repeats):
         ref, got = xla(w, x), mine(w, x)
         err = float(jnp.max(jnp.abs(ref - got)) / jnp.max(jnp.abs(ref)))
         if err > 1e-4:
-            raise AssertionError(f"ganda_jax.conv {name} gradient differs from XLA's: {err:.2g}")
+            raise AssertionError(
+                f"ganda_jax.nets.cpu_conv {name} gradient differs from XLA's: {err:.2g}"
+            )
 
     im2col = _jit(im2col_weight_grad)
     ref, got = gw(w, x), im2col(w, x)
@@ -92,9 +94,9 @@ def jax_rows(n, size, c, repeats):
         ("forward + weight grad", gw, 2),
         ("forward + weight grad (im2col GEMMs)", im2col, 2),
         ("forward + both grads", both, 3),
-        ("forward + input grad (ganda_jax.conv)", ganda_gx, 2),
-        ("forward + weight grad (ganda_jax.conv)", ganda_gw, 2),
-        ("forward + both grads (ganda_jax.conv)", ganda_both, 3),
+        ("forward + input grad (ganda_jax.nets.cpu_conv)", ganda_gx, 2),
+        ("forward + weight grad (ganda_jax.nets.cpu_conv)", ganda_gw, 2),
+        ("forward + both grads (ganda_jax.nets.cpu_conv)", ganda_both, 3),
     ):
         t = median_seconds(lambda fn=fn: jax.block_until_ready(fn(w, x)), repeats)
         rows.append(dict(framework="jax", what=name, passes=passes, seconds=t))
@@ -138,14 +140,14 @@ def main(argv=None) -> int:
     p.add_argument("--ynn-convs", action="store_true", help="XLA:CPU's default YNNPACK kernels")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    conv.CPU_YNN_CONVS = a.ynn_convs
+    cpu_conv.CPU_YNN_CONVS = a.ynn_convs
     flop = 2 * a.batch * a.size * a.size * a.channels * a.channels * 9
     rows = jax_rows(a.batch, a.size, a.channels, a.repeats)
     rows += torch_rows(a.batch, a.size, a.channels, a.repeats, a.threads)
     print(
         f"conv 3x3, NHWC {a.batch}x{a.size}x{a.size}x{a.channels} -> {a.channels}, "
         f"{flop / 1e9:.2f} GFLOP per pass, backend {jax.default_backend()}, compiler options "
-        f"{conv.compiler_options() or 'XLA defaults'}"
+        f"{cpu_conv.compiler_options() or 'XLA defaults'}"
     )
     print("| framework | what | ms | GFLOP/s |")
     print("|---|---|---|---|")
@@ -159,7 +161,7 @@ def main(argv=None) -> int:
                 {
                     "jax": jax.__version__,
                     "backend": jax.default_backend(),
-                    "compiler_options": conv.compiler_options(),
+                    "compiler_options": cpu_conv.compiler_options(),
                     "rows": rows,
                 },
                 f,

@@ -12,11 +12,11 @@ conv, so those show as unpadded). Each distinct layer is then timed at the step'
 gradients with respect to ``x`` and ``w`` for a fixed random ``dy`` (no loss arithmetic):
 
 * ``lax``: ``lax.conv_general_dilated`` / ``lax.conv_transpose`` as written;
-* ``ganda``: ``ganda_jax.conv`` (its CPU rewrites), what the methods use;
+* ``ganda``: ``ganda_jax.nets.cpu_conv`` (its CPU rewrites), what the methods use;
 * ``torch`` (``--compare-torch``, when torch is installed): ``conv2d`` /
   ``conv_transpose2d`` with the same padding, NCHW, ``--threads`` threads;
 
-the JAX programs compiled with the training steps' options (``conv.compiler_options()``;
+the JAX programs compiled with the training steps' options (``cpu_conv.compiler_options()``;
 ``--ynn-convs`` for XLA's defaults). GFLOP counts ``2 * outputs * k_h * k_w * C_in`` per
 pass (a transposed conv: per input pixel). The ``x`` gradient is timed too for the first
 layer of a network, whose input needs none in most steps. Prints a table; ``--json PATH``
@@ -41,7 +41,8 @@ import numpy as np  # noqa: E402
 import throughput  # noqa: E402
 from jax import lax  # noqa: E402
 
-from ganda_jax import conv, layers, trainer  # noqa: E402
+from ganda_jax.nets import cpu_conv, layers  # noqa: E402
+from ganda_jax.train import trainer
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -65,7 +66,7 @@ def find_layers(cfg) -> list[dict]:
             if not transposed and isinstance(padding, str):
                 padding = lax.padtype_to_pads(x.shape[1:3], k, strides, padding)
             elif transposed and isinstance(padding, str):
-                padding = [conv._transpose_padding(kk, s, padding) for kk, s in zip(k, strides)]
+                padding = [cpu_conv._transpose_padding(kk, s, padding) for kk, s in zip(k, strides)]
             if isinstance(padding, int):
                 padding = ((padding, padding), (padding, padding))
             path = [str(p) for p in m.scope.path]
@@ -97,8 +98,8 @@ def _apply(layer, impl):
     if layer["kind"] == "transpose":
         if impl == "lax":
             return lambda x, w: lax.conv_transpose(x, w, s, pads, dimension_numbers=DN)
-        return lambda x, w: conv.conv_transpose(x, w, s, pads)
-    fn = lax.conv_general_dilated if impl == "lax" else conv.conv_general_dilated
+        return lambda x, w: cpu_conv.conv_transpose(x, w, s, pads)
+    fn = lax.conv_general_dilated if impl == "lax" else cpu_conv.conv_general_dilated
     return lambda x, w: fn(x, w, s, pads, dimension_numbers=DN)
 
 
@@ -210,8 +211,8 @@ def main(argv=None) -> int:
     cfg = throughput.build_config(
         a.method, a.image_size or size, a.batch_size or batch, "float32", a.variant
     )
-    conv.CPU_YNN_CONVS = a.ynn_convs
-    options = conv.compiler_options()
+    cpu_conv.CPU_YNN_CONVS = a.ynn_convs
+    options = cpu_conv.compiler_options()
     rows = []
     for layer in find_layers(cfg):
         out_hw, lax_t = jax_time(layer, cfg.batch_size, "lax", a.repeats, options)

@@ -2,7 +2,7 @@
 
   python benchmarks/profile_step.py --method pixelda                 # reference settings
   python benchmarks/profile_step.py --method cyclegan --image-size 128 --batch-size 4 --top 20
-  python benchmarks/profile_step.py --method gta --xla-convs         # without ganda_jax.conv
+  python benchmarks/profile_step.py --method gta --xla-convs         # without ganda_jax.nets.cpu_conv
   python benchmarks/profile_step.py --method ccgan --ynn-convs       # YNNPACK's convolutions
 
 Builds the same jitted step as ``throughput.py`` (``Bench``), runs it once to warm up,
@@ -11,9 +11,9 @@ writes; no TensorBoard needed). It prints the step time, the op time summed by c
 (the op name without its numeric suffix: ``ynn_fusion``, ``convolution``, ...) and the
 slowest ops with their shape, window and the model code that made them (the HLO
 ``op_name``). On CPU, ops that run on the two cores at once add up to more than the
-step's wall time. This is how the slow convolutions fixed in ``ganda_jax/conv.py``
+step's wall time. This is how the slow convolutions fixed in ``ganda_jax/cpu_conv.py``
 were found. XLA's own (Eigen) convolutions, which training programs use on CPU
-(``conv.compiler_options``), are mostly missing from the trace (PixelDA: 1.0 s of op time
+(``cpu_conv.compiler_options``), are mostly missing from the trace (PixelDA: 1.0 s of op time
 in a 4.1 s profiled step); ``--ynn-convs`` profiles with YNNPACK's, which it sees.
 """
 
@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import throughput  # noqa: E402
 
-from ganda_jax import conv  # noqa: E402
+from ganda_jax.nets import cpu_conv  # noqa: E402
 
 
 def op_times(trace_dir: str) -> collections.Counter:
@@ -78,7 +78,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--variant", default=None)
     p.add_argument("--top", type=int, default=15, help="how many of the slowest ops to list")
-    p.add_argument("--xla-convs", action="store_true", help="without ganda_jax.conv's rewrites")
+    p.add_argument(
+        "--xla-convs", action="store_true", help="without ganda_jax.nets.cpu_conv's rewrites"
+    )
     p.add_argument(
         "--ynn-convs",
         action="store_true",
@@ -92,8 +94,8 @@ def main(argv=None) -> int:
     cfg = throughput.build_config(
         args.method, args.image_size or size, args.batch_size or batch, args.dtype, args.variant
     )
-    conv.CPU_REWRITES = not args.xla_convs
-    conv.CPU_YNN_CONVS = args.ynn_convs
+    cpu_conv.CPU_REWRITES = not args.xla_convs
+    cpu_conv.CPU_YNN_CONVS = args.ynn_convs
     bench = throughput.Bench(cfg)
     hlo = bench.compiled.as_text()
     bench.run(1)  # warm up

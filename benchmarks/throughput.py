@@ -39,7 +39,9 @@ if "--scaling" in sys.argv:  # on a CPU-only machine: 8 virtual devices (set bef
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ganda_jax import conv, engine, parallel, trainer  # noqa: E402
+from ganda_jax import engine  # noqa: E402
+from ganda_jax.nets import cpu_conv
+from ganda_jax.train import parallel, trainer
 
 
 def _config_module(method: str):
@@ -209,7 +211,7 @@ class Bench:
             in_shardings=(replicated, data),
             out_shardings=(replicated, replicated),
             donate_argnums=(0,),
-            compiler_options=conv.compiler_options(),
+            compiler_options=cpu_conv.compiler_options(),
         )
         t0 = time.perf_counter()
         self.compiled = step.lower(self.state, batch).compile()
@@ -246,9 +248,9 @@ def measure(method, image_size, batch_size, dtype, args, num_devices=None) -> di
         cfg.model.remat = True
     elif args.remat and not args.all:  # with --all: the methods that have it
         raise SystemExit(f"--remat: {method}'s config has no model.remat")
-    conv.CPU_GRADIENTS = args.cpu_conv_grads  # read when the step is traced
-    conv.CPU_REWRITES = not args.xla_convs
-    conv.CPU_YNN_CONVS = args.ynn_convs  # read when the step is compiled
+    cpu_conv.CPU_GRADIENTS = args.cpu_conv_grads  # read when the step is traced
+    cpu_conv.CPU_REWRITES = not args.xla_convs
+    cpu_conv.CPU_YNN_CONVS = args.ynn_convs  # read when the step is compiled
     bench = Bench(cfg, num_devices, args.steps_per_call)
     # The first step from the seeded init: its losses let runs on other meshes be compared
     # (with --steps-per-call, the sums over the first call's steps).
@@ -267,9 +269,9 @@ def measure(method, image_size, batch_size, dtype, args, num_devices=None) -> di
         train_baselines=bool(cfg.train_baselines),
         remat=bool(cfg.model.get("remat", False)),
         steps_per_call=args.steps_per_call,
-        cpu_conv_grads=conv.CPU_GRADIENTS and jax.default_backend() == "cpu",
-        cpu_conv_rewrites=conv.CPU_REWRITES and jax.default_backend() == "cpu",
-        compiler_options=conv.compiler_options(),
+        cpu_conv_grads=cpu_conv.CPU_GRADIENTS and jax.default_backend() == "cpu",
+        cpu_conv_rewrites=cpu_conv.CPU_REWRITES and jax.default_backend() == "cpu",
+        compiler_options=cpu_conv.compiler_options(),
         devices=int(devices),
         device_kind=jax.devices()[0].device_kind,
         compile_s=bench.compile_s,
@@ -396,12 +398,12 @@ def main(argv=None) -> int:
     p.add_argument(
         "--cpu-conv-grads",
         action="store_true",
-        help="on CPU, ganda_jax.conv's weight gradients (GANDA_CPU_CONV_GRADS=1) instead of XLA's",
+        help="on CPU, ganda_jax.nets.cpu_conv's weight gradients (GANDA_CPU_CONV_GRADS=1) instead of XLA's",
     )
     p.add_argument(
         "--xla-convs",
         action="store_true",
-        help="on CPU, XLA's own convolutions without ganda_jax.conv's rewrites "
+        help="on CPU, XLA's own convolutions without ganda_jax.nets.cpu_conv's rewrites "
         "(GANDA_CPU_CONV_REWRITES=0)",
     )
     p.add_argument(

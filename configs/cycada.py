@@ -80,7 +80,7 @@ def get_config(arg=None):
         "d_feat_hidden": (500, 500),
     }
     c.loss = {
-        # pixel stage: CycleGAN terms (ganda_jax.cyclegan) + semantic consistency
+        # pixel stage: CycleGAN terms (ganda_jax.methods.cyclegan) + semantic consistency
         "gan": "lsgan",
         "lambda_A": 10.0,
         "lambda_B": 10.0,

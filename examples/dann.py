@@ -6,13 +6,14 @@ C learn the source labels while F makes target features pass as source. Train it
   PYTHONPATH=examples python train.py --config=examples/dann_config.py --workdir=/tmp/dann
 
 (``config.method = "dann:DANN"`` names this file's class; a method inside the package is listed
-in ``ganda_jax.trainer.METHODS`` instead). ``tests/test_add_a_method.py`` trains it.
+in ``ganda_jax.train.trainer.METHODS`` instead). ``tests/test_add_a_method.py`` trains it.
 """
 
 import flax.linen as nn
 import jax
 
-from ganda_jax import classify_eval, engine, losses
+from ganda_jax import engine, losses
+from ganda_jax.metrics import classify_eval
 
 
 class DANN(classify_eval.TaskClassifier, engine.Method):

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ganda_jax import image_metrics
+from ganda_jax.metrics import image_metrics
 from ganda_jax.data import tasks
 
 Params = Any

@@ -227,7 +227,8 @@ def final_states(
     one CPU device."""
     import jax
 
-    from ganda_jax import checkpointing, engine, trainer
+    from ganda_jax import engine
+    from ganda_jax.train import checkpointing, trainer
 
     cfg = config(num_train_steps, seed)
     method = trainer.get_method(cfg)

@@ -71,7 +71,7 @@ def main(workdir: str, out_prefix: str, max_steps: list[int]) -> None:
     import jax
     import numpy as np
 
-    from ganda_jax import trainer, writers
+    from ganda_jax.train import trainer, writers
 
     # Every process records the scalars the loop computes (the writer itself writes only
     # on process 0), so the test can compare what each process saw.

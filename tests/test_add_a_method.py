@@ -7,7 +7,8 @@ import sys
 import jax
 
 from conftest import ROOT, assert_phase_isolated
-from ganda_jax import engine, parallel, trainer
+from ganda_jax import engine
+from ganda_jax.train import parallel, trainer
 
 
 def test_an_eighth_method_trains_evaluates_and_keeps_idle_players(tmp_path, monkeypatch):

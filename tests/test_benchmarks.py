@@ -6,13 +6,13 @@ import os
 import jax
 from conftest import ROOT
 
-from ganda_jax import conv
+from ganda_jax.nets import cpu_conv
 
 
 def test_throughput_writes_a_row_with_what_the_backward_keeps(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     for flag in ("CPU_GRADIENTS", "CPU_REWRITES", "CPU_YNN_CONVS"):  # main() sets them
-        monkeypatch.setattr(conv, flag, getattr(conv, flag))
+        monkeypatch.setattr(cpu_conv, flag, getattr(cpu_conv, flag))
     import throughput
 
     path = tmp_path / "rows.json"

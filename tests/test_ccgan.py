@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 from conftest import assert_phase_isolated, equal_trees, load_config
 
-from ganda_jax import ccgan, checkpointing, engine, image_metrics, parallel, trainer
+from ganda_jax import engine
+from ganda_jax.methods import ccgan
+from ganda_jax.metrics import image_metrics
+from ganda_jax.train import checkpointing, parallel, trainer
 from ganda_jax.data import tasks
 
 

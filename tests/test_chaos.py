@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, equal_trees
 
-from ganda_jax import checkpointing
+from ganda_jax.train import checkpointing
 
 # Every test here starts train.py subprocesses (~3 min in all on 2 cores): CI runs them in its
 # slow pass (`python -m pytest tests -m slow`) to keep the default suite under 15 minutes.
@@ -124,7 +124,7 @@ import json, resource, signal, sys, traceback
 import jax, numpy as np
 sys.path.insert(0, "scripts")
 import chaos
-from ganda_jax import trainer
+from ganda_jax.train import trainer
 
 workdir = sys.argv[1]
 cfg = chaos.config(int(sys.argv[2]), int(sys.argv[3]))
@@ -154,7 +154,7 @@ def test_a_failed_checkpoint_write_stops_with_one_line_and_keeps_the_last(refere
         f"at step 2 in {ckpt_dir} is intact; raise the file-size limit (ulimit -f) and re-run "
         "to resume"
     )
-    assert "ganda_jax.checkpointing.CheckpointError" in proc.stderr and message in proc.stderr
+    assert "ganda_jax.train.checkpointing.CheckpointError" in proc.stderr and message in proc.stderr
     # Its traceback is the main thread's few frames, not chained to the background thread's.
     printed = "".join(printed)
     assert len(printed.splitlines()) < 20 and "orbax" not in printed, printed

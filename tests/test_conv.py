@@ -1,4 +1,4 @@
-"""ganda_jax.conv: its CPU rewrites (GEMM form, sub-pixel transposed convolutions, padding
+"""ganda_jax.nets.cpu_conv: its CPU rewrites (GEMM form, sub-pixel transposed convolutions, padding
 added and cropped, the opt-in per-tap weight gradient) compute what lax computes, values and
 gradients; other cases fall through to lax."""
 
@@ -12,7 +12,8 @@ import pytest
 from conftest import load_config
 from jax import lax
 
-from ganda_jax import conv, layers, parallel, trainer
+from ganda_jax.nets import cpu_conv, layers
+from ganda_jax.train import parallel, trainer
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -66,7 +67,7 @@ def _random(shape_x, shape_w, seed):
 )
 def test_small_output_conv_is_a_gemm(size, kernel, stride, padding):
     x, w = _random((2, size, size + 1, 3), (kernel, kernel, 3, 5), size + kernel)
-    fn = lambda x, w: conv.conv_general_dilated(  # noqa: E731
+    fn = lambda x, w: cpu_conv.conv_general_dilated(  # noqa: E731
         x, w, (stride, stride), padding, dimension_numbers=DN
     )
     ref = lambda x, w: lax.conv_general_dilated(  # noqa: E731
@@ -87,7 +88,7 @@ def test_small_output_conv_is_a_gemm(size, kernel, stride, padding):
 )
 def test_unpadded_conv_gets_padding_and_a_crop(kernel, stride, padding):
     x, w = _random((2, 20, 21, 3), (kernel, kernel, 3, 4), kernel * 10 + stride)
-    fn = lambda x, w: conv.conv_general_dilated(  # noqa: E731
+    fn = lambda x, w: cpu_conv.conv_general_dilated(  # noqa: E731
         x, w, (stride, stride), padding, dimension_numbers=DN
     )
     ref = lambda x, w: lax.conv_general_dilated(  # noqa: E731
@@ -118,7 +119,7 @@ def test_unpadded_conv_gets_padding_and_a_crop(kernel, stride, padding):
 def test_strided_conv_gradients_are_subpixel_and_per_phase(size, kernel, stride, padding, batch):
     # 16 input channels: the rewrite is for >= 16 (3-channel input gradients were slower).
     x, w = _random((batch, size, size + 2, 16), (kernel, kernel, 16, 5), size + 3 * kernel)
-    fn = lambda x, w: conv.conv_general_dilated(  # noqa: E731
+    fn = lambda x, w: cpu_conv.conv_general_dilated(  # noqa: E731
         x, w, (stride, stride), padding, dimension_numbers=DN
     )
     ref = lambda x, w: lax.conv_general_dilated(  # noqa: E731
@@ -132,7 +133,7 @@ def test_strided_conv_gradients_are_subpixel_and_per_phase(size, kernel, stride,
     windows = _conv_windows(grad, x, w, field="rhs_dilate")
     kernel_dilated = [d for d in windows if max(d) > 1]
     assert windows and all(len(d) == 2 for d in windows)
-    assert bool(kernel_dilated) == (batch > conv._PHASE_WEIGHT_GRAD_MAX_BATCH)
+    assert bool(kernel_dilated) == (batch > cpu_conv._PHASE_WEIGHT_GRAD_MAX_BATCH)
 
 
 @pytest.mark.parametrize(
@@ -152,7 +153,7 @@ def test_strided_conv_gradients_are_subpixel_and_per_phase(size, kernel, stride,
 )
 def test_transposed_conv_equals_lax(size, kernel, stride, padding):
     x, w = _random((2, size, size + 1, 3), (kernel, kernel, 3, 5), size * 7 + kernel)
-    fn = lambda x, w: conv.conv_transpose(x, w, (stride, stride), padding)  # noqa: E731
+    fn = lambda x, w: cpu_conv.conv_transpose(x, w, (stride, stride), padding)  # noqa: E731
     ref = lambda x, w: lax.conv_transpose(  # noqa: E731
         x, w, (stride, stride), padding, dimension_numbers=DN
     )
@@ -162,9 +163,9 @@ def test_transposed_conv_equals_lax(size, kernel, stride, padding):
 
 
 def test_rewrites_off_is_lax(monkeypatch):
-    monkeypatch.setattr(conv, "CPU_REWRITES", False)
+    monkeypatch.setattr(cpu_conv, "CPU_REWRITES", False)
     x, w = _random((2, 5, 5, 3), (4, 4, 3, 5), 0)
-    fn = lambda x, w: conv.conv_transpose(x, w, (2, 2), "SAME")  # noqa: E731
+    fn = lambda x, w: cpu_conv.conv_transpose(x, w, (2, 2), "SAME")  # noqa: E731
     assert _conv_windows(fn, x, w, field="lhs_dilate") == [[2, 2]]
 
 
@@ -204,8 +205,8 @@ def test_max_pool_equals_flax():
 
 @pytest.fixture
 def cpu_gradients(monkeypatch):
-    monkeypatch.setattr(conv, "CPU_GRADIENTS", True)  # opt-in (GANDA_CPU_CONV_GRADS=1)
-    monkeypatch.setattr(conv, "CPU_REWRITES", False)  # the per-tap rule alone
+    monkeypatch.setattr(cpu_conv, "CPU_GRADIENTS", True)  # opt-in (GANDA_CPU_CONV_GRADS=1)
+    monkeypatch.setattr(cpu_conv, "CPU_REWRITES", False)  # the per-tap rule alone
 
 
 @pytest.mark.usefixtures("cpu_gradients")
@@ -233,17 +234,17 @@ def test_gradients_equal_xla(kernel, stride, padding):
 
     ref_y = lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=DN)
     y = jax.jit(
-        lambda x, w: conv.conv_general_dilated(
+        lambda x, w: cpu_conv.conv_general_dilated(
             x, w, (stride, stride), padding, dimension_numbers=DN
         )
     )(x, w)
     np.testing.assert_array_equal(y, ref_y)
     ref = jax.grad(loss(lax.conv_general_dilated), (0, 1))(x, w)
-    got = jax.jit(jax.grad(loss(conv.conv_general_dilated), (0, 1)))(x, w)
+    got = jax.jit(jax.grad(loss(cpu_conv.conv_general_dilated), (0, 1)))(x, w)
     for name, r, g in zip(("input", "weight"), ref, got):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=name)
     # The custom rule is what ran (not XLA's): its weight gradient is a sum of per-tap dots.
-    hlo = jax.jit(jax.grad(loss(conv.conv_general_dilated), 1)).lower(x, w).as_text()
+    hlo = jax.jit(jax.grad(loss(cpu_conv.conv_general_dilated), 1)).lower(x, w).as_text()
     assert hlo.count("dot_general") >= kernel * kernel
 
 
@@ -255,7 +256,7 @@ def test_bfloat16_weight_gradient_is_accumulated_in_float32():
     f = lambda fn: (
         lambda w: jnp.sum(fn(x, w, (1, 1), "SAME", dimension_numbers=DN).astype(jnp.float32) ** 2)
     )  # noqa: E731
-    got = jax.grad(f(conv.conv_general_dilated))(w)
+    got = jax.grad(f(cpu_conv.conv_general_dilated))(w)
     ref = jax.grad(
         lambda w: jnp.sum(
             lax.conv_general_dilated(x.astype(jnp.float32), w, (1, 1), "SAME", dimension_numbers=DN)
@@ -273,7 +274,9 @@ def test_dilated_grouped_and_other_layouts_fall_through_to_xla():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((1, 8, 8, 4)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((3, 3, 2, 4)), jnp.float32)
-    y = conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN, feature_group_count=2)
+    y = cpu_conv.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=DN, feature_group_count=2
+    )
     ref = lax.conv_general_dilated(
         x, w, (1, 1), "SAME", dimension_numbers=DN, feature_group_count=2
     )
@@ -282,7 +285,7 @@ def test_dilated_grouped_and_other_layouts_fall_through_to_xla():
         jax.jit(
             jax.grad(
                 lambda w: jnp.sum(
-                    conv.conv_general_dilated(
+                    cpu_conv.conv_general_dilated(
                         x, w, (1, 1), "SAME", dimension_numbers=DN, feature_group_count=2
                     )
                 )
@@ -308,26 +311,26 @@ def test_training_programs_compile_with_xla_convolutions_on_cpu(monkeypatch):
     plain = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
     grads = jax.grad(_sin_loss(plain), (0, 1))
     default = jax.jit(grads).lower(x, w).compile()
-    ours = jax.jit(grads, compiler_options=conv.compiler_options()).lower(x, w).compile()
+    ours = jax.jit(grads, compiler_options=cpu_conv.compiler_options()).lower(x, w).compile()
     assert _convolutions_in_ynn_fusions(default.as_text()) == (3, 3)
     assert _convolutions_in_ynn_fusions(ours.as_text()) == (0, 3)
     for got, want in zip(ours(x, w), default(x, w)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
     # Opt-outs: the switch, and XLA_FLAGS that choose YNN fusions themselves.
-    monkeypatch.setattr(conv, "CPU_YNN_CONVS", True)
-    assert conv.compiler_options() == {}
-    monkeypatch.setattr(conv, "CPU_YNN_CONVS", False)
+    monkeypatch.setattr(cpu_conv, "CPU_YNN_CONVS", True)
+    assert cpu_conv.compiler_options() == {}
+    monkeypatch.setattr(cpu_conv, "CPU_YNN_CONVS", False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=-reduce")
-    assert conv.compiler_options() == {}
+    assert cpu_conv.compiler_options() == {}
 
 
 def test_trainer_compiles_its_step_with_these_options(monkeypatch):
-    """Run's train step is compiled with conv.compiler_options(): an option XLA rejects
+    """Run's train step is compiled with cpu_conv.compiler_options(): an option XLA rejects
     makes its first call fail, so the options reach XLA."""
     cfg = load_config("cyclegan", "runlocal")
     cfg.batch_size = 2
     monkeypatch.setattr(
-        conv, "compiler_options", lambda: {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_TYPE"}
+        cpu_conv, "compiler_options", lambda: {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_TYPE"}
     )
     run = trainer.Run(cfg, mesh=parallel.make_mesh(1))
     state = run.init_state()

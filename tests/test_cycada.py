@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from conftest import assert_phase_isolated, equal_trees, load_config
 
-from ganda_jax import cycada, engine, parallel, trainer
+from ganda_jax import engine
+from ganda_jax.methods import cycada
+from ganda_jax.train import parallel, trainer
 
 STEPS = {"pretrain": 24, "pixel": 4, "feature": 4}
 STOP = 3  # the first run stops inside the pretrain stage

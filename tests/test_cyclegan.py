@@ -14,8 +14,10 @@ import pytest
 from conftest import assert_loss_terms, ROOT, load_config
 from PIL import Image
 
-from ganda_jax import cyclegan, engine, parallel, trainer
-from ganda_jax.layers import PatchDiscriminator, ResnetGenerator
+from ganda_jax import engine
+from ganda_jax.methods import cyclegan
+from ganda_jax.train import parallel, trainer
+from ganda_jax.nets.layers import PatchDiscriminator, ResnetGenerator
 
 
 def test_resnet_generator_shapes_and_range():
@@ -203,7 +205,7 @@ def test_train_cli_end_to_end_then_translate(tmp_path):
     proc = _run(
         [
             "-m",
-            "ganda_jax.translate",
+            "ganda_jax.cli.translate",
             f"--workdir={workdir}",
             f"--input={src}",
             f"--output={dst}",

@@ -9,9 +9,13 @@ import pytest
 from conftest import assert_loss_terms, assert_phase_isolated, load_config
 from PIL import Image
 
-from ganda_jax import discogan, engine, image_metrics, parallel, trainer, translate
+from ganda_jax import engine
+from ganda_jax.cli import translate
+from ganda_jax.methods import discogan
+from ganda_jax.metrics import image_metrics
+from ganda_jax.train import parallel, trainer
 from ganda_jax.data import pipeline
-from ganda_jax.discogan import PatchDiscriminator, UNetGenerator
+from ganda_jax.methods.discogan import PatchDiscriminator, UNetGenerator
 
 
 def _n_params(module, x):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import equal_trees
 
-from ganda_jax import checkpointing, parallel, trainer
+from ganda_jax.train import checkpointing, parallel, trainer
 
 # Multi-process and cross-device-count runs take ~3 min on 2 cores: CI runs them in its slow
 # pass (`python -m pytest tests -m slow`) to keep the default suite under 15 minutes.

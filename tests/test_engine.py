@@ -11,7 +11,9 @@ import optax
 import pytest
 from conftest import assert_phase_isolated, equal_trees, load_config
 
-from ganda_jax import classify_eval, engine, parallel, trainer
+from ganda_jax import engine
+from ganda_jax.metrics import classify_eval
+from ganda_jax.train import parallel, trainer
 
 
 def _tiny_cyclegan(**overrides):

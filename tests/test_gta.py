@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from conftest import assert_phase_isolated, equal_trees, load_config
 
-from ganda_jax import engine, gta, parallel, trainer
+from ganda_jax import engine
+from ganda_jax.methods import gta
+from ganda_jax.train import parallel, trainer
 
 STEPS = 20
 EVAL_KEYS = (

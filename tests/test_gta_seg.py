@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from conftest import assert_phase_isolated, equal_trees, load_config
 
-from ganda_jax import engine, gta_seg, parallel, trainer
+from ganda_jax import engine
+from ganda_jax.methods import gta_seg
+from ganda_jax.train import parallel, trainer
 from ganda_jax.data import pipeline, tasks
 
 STEPS = 10

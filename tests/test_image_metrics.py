@@ -1,4 +1,4 @@
-"""Tests for ganda_jax.image_metrics against hand-computed values."""
+"""Tests for ganda_jax.metrics.image_metrics against hand-computed values."""
 
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ganda_jax import image_metrics as im
+from ganda_jax.metrics import image_metrics as im
 
 
 def close(actual, expected, tol=1e-5):

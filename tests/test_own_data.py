@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, load_config
 from PIL import Image
 
-from ganda_jax import parallel, trainer
+from ganda_jax.train import parallel, trainer
 from ganda_jax.data import domains, synthetic, tasks
 
 CLASSES = tuple(f"c{k}" for k in range(10))  # class folder names (sorted = ids 0..9)

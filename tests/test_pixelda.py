@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from conftest import assert_phase_isolated, load_config
 
-from ganda_jax import classify_eval, engine, parallel, pixelda, trainer
+from ganda_jax import engine
+from ganda_jax.methods import pixelda
+from ganda_jax.metrics import classify_eval
+from ganda_jax.train import parallel, trainer
 from ganda_jax.data import tasks
 
 
@@ -53,7 +56,7 @@ def test_batchnorm_is_flaxs_and_lets_xla_merge_gs_two_forward_passes():
     (the G/T phase), as PixelDA's step does with one z (flax's module kept both)."""
     import flax.linen as nn
 
-    from ganda_jax import layers
+    from ganda_jax.nets import layers
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((6, 5, 4, 3)) * 2 + 1, jnp.float32)

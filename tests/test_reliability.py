@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from conftest import equal_trees, load_config
 
-from ganda_jax import checkpointing, cyclegan, engine, parallel, trainer
+from ganda_jax import engine
+from ganda_jax.methods import cyclegan
+from ganda_jax.train import checkpointing, parallel, trainer
 
 POISON_STEP = 3
 

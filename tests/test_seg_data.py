@@ -1,11 +1,12 @@
-"""Segmentation DA data (ganda_jax.data.tasks.Segmentation) and mIoU evaluation (ganda_jax.seg_eval)."""
+"""Segmentation DA data (ganda_jax.data.tasks.Segmentation) and mIoU evaluation (ganda_jax.metrics.seg_eval)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ganda_jax import parallel, seg_eval
+from ganda_jax.metrics import seg_eval
+from ganda_jax.train import parallel
 from ganda_jax.data import domains, pipeline, seg, synthetic, tasks
 
 

@@ -1,4 +1,4 @@
-"""Tests for ganda_jax.writers: JSONL/PNG/TensorBoard outputs, grids, progress lines."""
+"""Tests for ganda_jax.train.writers: JSONL/PNG/TensorBoard outputs, grids, progress lines."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ganda_jax import writers
+from ganda_jax.train import writers
 
 
 def _lines(path):

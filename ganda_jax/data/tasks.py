@@ -184,7 +184,7 @@ class TaskData:
 
         ``role`` is ``'source'`` / ``'target'`` (or the domain block's name). Cached, so do
         not modify it; every process builds the same arrays (deterministic), as
-        :func:`ganda_jax.evaluation.batched_apply` expects.
+        :func:`ganda_jax.metrics.evaluation.batched_apply` expects.
         """
         role = self._role(role)
         if role not in self._test:

@@ -48,7 +48,7 @@ official SKTBrain code's feature matching, curriculum and alternating schedule a
 
 Evaluation: on the embedded pair, PSNR of each translation against its hidden
 counterpart (``eval/psnr_AtoB``, ``eval/psnr_BtoA``) next to the identity and
-mean-image baselines (:mod:`ganda_jax.translation_eval`). Dropout is off for
+mean-image baselines (:mod:`ganda_jax.metrics.translation_eval`). Dropout is off for
 evaluation, samples and ``generate`` (the reference's ``G.eval()``).
 
 ``model.num_downs`` (default 6, the reference) lets the U-Net depth follow
@@ -63,9 +63,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ganda_jax import engine, image_metrics, losses, translation_eval
+from ganda_jax import engine, losses
+from ganda_jax.metrics import image_metrics, translation_eval
 from ganda_jax.data import sources
-from ganda_jax.layers import Conv, ConvTranspose, Dtype, InstanceNorm, conv_init, make_norm
+from ganda_jax.nets.layers import Conv, ConvTranspose, Dtype, InstanceNorm, conv_init, make_norm
 
 #: The paired training stream and its two image fields (see ``data.paired``).
 PAIRED_STREAM = "AB"
@@ -188,7 +189,7 @@ class PatchDiscriminator(nn.Module):
     one channel. Output ``[B, H / 2**n_layers, W / 2**n_layers, 1]`` raw float32
     scores (no sigmoid: the loss decides).
 
-    Unlike :class:`ganda_jax.layers.PatchDiscriminator` (CycleGAN/pix2pix's
+    Unlike :class:`ganda_jax.nets.layers.PatchDiscriminator` (CycleGAN/pix2pix's
     70x70, with a stride-1 512-channel block), this is the reference's smaller
     network with a 46x46 receptive field at 3 layers.
     """

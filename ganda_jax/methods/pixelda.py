@@ -40,7 +40,7 @@ Networks (NHWC, 32x32 digits): G projects ``z`` with a dense layer to
 ``noise_channels`` image-sized maps, concatenates them to ``x_s``, then
 conv3x3-ReLU, ``n_blocks`` residual blocks [conv3-BN-ReLU-conv3-BN] + x,
 conv3x3 and tanh (64 filters throughout in the paper). D is the shared PatchGAN
-(:class:`ganda_jax.layers.PatchDiscriminator`; 2x2 patches of logits at 32 px,
+(:class:`ganda_jax.nets.layers.PatchDiscriminator`; 2x2 patches of logits at 32 px,
 like the PyTorch-GAN reference's). T is the MNIST classifier the paper takes
 from DANN/DSN: conv5x5(32)-pool-conv5x5(48)-pool-fc100-fc100-fc10.
 
@@ -73,8 +73,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ganda_jax import classify_eval, engine, image_metrics, losses
-from ganda_jax.layers import FAST, BatchNorm, Conv, Dtype, PatchDiscriminator, max_pool
+from ganda_jax import engine, losses
+from ganda_jax.metrics import classify_eval, image_metrics
+from ganda_jax.nets.layers import FAST, BatchNorm, Conv, Dtype, PatchDiscriminator, max_pool
 
 
 class ResidualBlockBN(nn.Module):
@@ -246,7 +247,7 @@ class PixelDA(classify_eval.TaskClassifier, engine.Method):
 
     def samples(self, state, batch):
         """Rows: source test images, two restyled versions (two z), target test images."""
-        from ganda_jax.writers import image_grid
+        from ganda_jax.train.writers import image_grid
 
         n = 8
         src = self.data.test_split("source")["image"][:n]

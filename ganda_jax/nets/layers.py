@@ -17,13 +17,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ganda_jax.conv import conv_general_dilated, conv_transpose
+from ganda_jax.nets.cpu_conv import conv_general_dilated, conv_transpose
 
 Dtype = Any
 
 conv_init = nn.initializers.normal(stddev=0.02)
 
-# ``nn.Conv(..., **FAST)``: the convolution with fast gradients on CPU (ganda_jax.conv).
+# ``nn.Conv(..., **FAST)``: the convolution with fast gradients on CPU (ganda_jax.nets.cpu_conv).
 FAST = {"conv_general_dilated": conv_general_dilated}
 
 
@@ -163,7 +163,7 @@ class Conv(nn.Module):
 
 class ConvTranspose(nn.Module):
     """``flax.linen.ConvTranspose`` (same parameters, same values) through
-    :func:`ganda_jax.conv.conv_transpose`, which stays on XLA:CPU's fast paths.
+    :func:`ganda_jax.nets.cpu_conv.conv_transpose`, which stays on XLA:CPU's fast paths.
 
     ``padding`` is 'SAME', 'VALID' or per-axis pairs for the dilated input, as in
     ``lax.conv_transpose``: PyTorch's ``ConvTranspose2d(k, s, p)`` is ``k - 1 - p`` per side.

@@ -90,8 +90,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ganda_jax import engine, evaluation, image_metrics, losses
-from ganda_jax.layers import FAST, BatchNorm, ConvTranspose, Dtype, make_norm
+from ganda_jax import engine, losses
+from ganda_jax.metrics import evaluation, image_metrics
+from ganda_jax.nets.layers import FAST, BatchNorm, ConvTranspose, Dtype, make_norm
 
 # Random draws are made flat and reshaped: the same distributions, but XLA:CPU compiles the
 # threefry generator for a rank-2..4 shape several times slower than for a rank-1 one
@@ -99,7 +100,7 @@ from ganda_jax.layers import FAST, BatchNorm, ConvTranspose, Dtype, make_norm
 
 
 def flat_normal_init(stddev: float = 0.02):
-    """N(0, stddev^2) weights (the DCGAN init of :data:`ganda_jax.layers.conv_init`), drawn flat."""
+    """N(0, stddev^2) weights (the DCGAN init of :data:`ganda_jax.nets.layers.conv_init`), drawn flat."""
 
     def init(key, shape, dtype=jnp.float32):
         return stddev * jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
@@ -111,7 +112,7 @@ conv_init = flat_normal_init(0.02)
 
 
 def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, *, dtype) -> nn.Conv:
-    """A conv with zero padding and the N(0, 0.02) init (as :class:`ganda_jax.layers.Conv`)."""
+    """A conv with zero padding and the N(0, 0.02) init (as :class:`ganda_jax.nets.layers.Conv`)."""
     return nn.Conv(
         features,
         (kernel, kernel),
@@ -466,7 +467,7 @@ class CCGAN(engine.Method):
 
     def samples(self, state, batch):
         """Rows: masked test images (the hole in the fill value), G's in-filling, the real ones."""
-        from ganda_jax.writers import image_grid
+        from ganda_jax.train.writers import image_grid
 
         cfg, n = self.config, 8
         split = self.data.test_split("domain")

@@ -3,7 +3,7 @@
 A method exposes ``logits_fn(params, images) -> {name: logits [B, C]}`` (float
 images in ``[-1, 1]``; one entry per classifier to score, e.g. the adapted
 classifier and a source-only baseline). :func:`make_accuracy_fn` wraps it once
-into the per-example function that :func:`ganda_jax.evaluation.batched_apply`
+into the per-example function that :func:`ganda_jax.metrics.evaluation.batched_apply`
 runs sharded over the mesh, and :func:`accuracies` turns the per-example hits
 into top-1 accuracies. Every classifier is scored on the same batches in one
 pass, and each example counts exactly once (batched_apply drops the padding).
@@ -18,7 +18,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ganda_jax import engine, evaluation, image_metrics, losses
+from ganda_jax import engine, losses
+from ganda_jax.metrics import evaluation, image_metrics
 
 LogitsFn = Callable[[Any, Any], Mapping[str, Any]]
 
@@ -27,7 +28,7 @@ def make_accuracy_fn(logits_fn: LogitsFn) -> Callable[[Any, dict], dict]:
     """``fn(params, {'image': uint8, 'label': int}) -> {name: bool hit per example}``.
 
     Create it once per method and keep it (e.g. in a ``functools.cached_property``):
-    :func:`ganda_jax.evaluation.batched_apply` caches its compilation per function object.
+    :func:`ganda_jax.metrics.evaluation.batched_apply` caches its compilation per function object.
     """
 
     def fn(params, batch):

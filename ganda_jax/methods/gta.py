@@ -76,8 +76,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ganda_jax import classify_eval, engine, image_metrics, losses
-from ganda_jax.layers import BatchNorm, Conv, ConvTranspose, Dtype, conv_init, max_pool
+from ganda_jax import engine, losses
+from ganda_jax.metrics import classify_eval, image_metrics
+from ganda_jax.nets.layers import BatchNorm, Conv, ConvTranspose, Dtype, conv_init, max_pool
 
 #: G upsamples 1x1 -> 2 -> 4 -> 8 -> 16 -> 32, D pools 32 -> 1: the digit size.
 IMAGE_SIZE = 32
@@ -340,7 +341,7 @@ class GTA(classify_eval.TaskClassifier, engine.Method):
         images x of class c (one G call for all rows). ``target_generated``: target
         test images, then G(z, F(x_t), unknown) for them: what F makes of the target.
         """
-        from ganda_jax.writers import image_grid
+        from ganda_jax.train.writers import image_grid
 
         n = 8
         p, ms = jax.device_get(state.params), jax.device_get(state.model_state)

@@ -28,18 +28,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from ganda_jax import checkpointing, conv, engine, parallel, writers
+from ganda_jax import engine
+from ganda_jax.nets import cpu_conv
+from ganda_jax.train import checkpointing, parallel, writers
 from ganda_jax.data import pipeline
 
 # config.method -> "module:Class"
 METHODS = {
-    "cyclegan": "ganda_jax.cyclegan:CycleGAN",
-    "discogan": "ganda_jax.discogan:DiscoGAN",
-    "pixelda": "ganda_jax.pixelda:PixelDA",
-    "cycada": "ganda_jax.cycada:CyCADA",
-    "gta": "ganda_jax.gta:GTA",
-    "gta_seg": "ganda_jax.gta_seg:GTASeg",
-    "ccgan": "ganda_jax.ccgan:CCGAN",
+    "cyclegan": "ganda_jax.methods.cyclegan:CycleGAN",
+    "discogan": "ganda_jax.methods.discogan:DiscoGAN",
+    "pixelda": "ganda_jax.methods.pixelda:PixelDA",
+    "cycada": "ganda_jax.methods.cycada:CyCADA",
+    "gta": "ganda_jax.methods.gta:GTA",
+    "gta_seg": "ganda_jax.methods.gta_seg:GTASeg",
+    "ccgan": "ganda_jax.methods.ccgan:CCGAN",
 }
 
 
@@ -139,7 +141,7 @@ class Run:
             in_shardings=(self.replicated, self.data_sharding),
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=(0,),
-            compiler_options=conv.compiler_options(),
+            compiler_options=cpu_conv.compiler_options(),
         )
         self._init_fn = jax.jit(
             lambda rng, batch: engine.init_state(self.method, self.tx, rng, batch),
@@ -160,7 +162,7 @@ class Run:
             in_shardings=(self.replicated, parallel.stacked_data_sharding(self.mesh)),
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=(0,),
-            compiler_options=conv.compiler_options(),
+            compiler_options=cpu_conv.compiler_options(),
         )
 
     def _make_loader(self) -> pipeline.Loader:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ganda_jax import evaluation, image_metrics
+from ganda_jax.metrics import evaluation, image_metrics
 
 Generate = Callable[[Any, jax.Array, str], jax.Array]
 
@@ -27,7 +27,7 @@ def make_translate_fn(generate: Generate) -> Callable[[Any, dict], dict]:
     """``fn(params, {'A': uint8, 'B': uint8}) -> {'fake_B': G_AB(A), 'fake_A': G_BA(B)}``.
 
     Create it once per method and keep it (e.g. in a ``functools.cached_property``):
-    :func:`ganda_jax.evaluation.batched_apply` caches its compilation per function object.
+    :func:`ganda_jax.metrics.evaluation.batched_apply` caches its compilation per function object.
     """
 
     def fn(params, batch):
@@ -103,7 +103,7 @@ def sample_grids(
     fourth row shows the true counterpart), else the first ``n`` training
     images ``train_a`` / ``train_b`` (uint8 NHWC).
     """
-    from ganda_jax.writers import image_grid
+    from ganda_jax.train.writers import image_grid
 
     test = data.paired_test()
     if test is not None:

@@ -37,8 +37,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ganda_jax import engine, image_metrics, losses, translation_eval
-from ganda_jax.layers import PatchDiscriminator, ResnetGenerator
+from ganda_jax import engine, losses
+from ganda_jax.metrics import image_metrics, translation_eval
+from ganda_jax.nets.layers import PatchDiscriminator, ResnetGenerator
 
 
 def image_pool_query(*, pool, count, images, rng, pool_size: int):

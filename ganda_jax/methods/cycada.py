@@ -28,7 +28,7 @@ resumes the interrupted one). Each stage is a method of its own over shared part
 0. **pretrain** (player ``f_S``): ``min L_task(f_S, X_S, Y_S)``.
 1. **pixel** (players ``G_st, G_ts`` | ``D_s, D_t``; ``f_S`` frozen in
    ``TrainState.extra``, not a player). The CycleGAN of
-   :mod:`ganda_jax.cyclegan`, used by import (its A is the source, B the
+   :mod:`ganda_jax.methods.cyclegan`, used by import (its A is the source, B the
    target): LSGAN, cycle L1, optional identity loss, the 50-image pools, and
    one iteration = a G phase, then a D phase on the fakes the generators made
    *before* their update. The G phase adds ``semantic_weight * L_sem``; the
@@ -86,8 +86,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ganda_jax import classify_eval, cyclegan, engine, image_metrics, losses, seg_eval
-from ganda_jax.layers import FAST, BatchNorm, Dtype
+from ganda_jax import engine, losses
+from ganda_jax.methods import cyclegan
+from ganda_jax.metrics import classify_eval, image_metrics, seg_eval
+from ganda_jax.nets.layers import FAST, BatchNorm, Dtype
 
 STAGES = ("pretrain", "pixel", "feature")
 TASKS = ("classify", "segment")
@@ -542,7 +544,7 @@ class Pixel(_CyCADA):
 
     def samples(self, state, batch):
         """Rows x_s, G_st(x_s), G_ts(G_st(x_s)), x_t, G_ts(x_t), G_st(G_ts(x_t))."""
-        from ganda_jax.writers import image_grid
+        from ganda_jax.train.writers import image_grid
 
         s, t = self._sample_images()
         p = jax.device_get(state.params)
@@ -661,7 +663,7 @@ class Feature(_CyCADA):
 
     def samples(self, state, batch):
         """Rows x_s, G_st(x_s), x_t (+ for segmentation: f_T's and T_src's target maps, truth)."""
-        from ganda_jax.writers import image_grid
+        from ganda_jax.train.writers import image_grid
 
         s, t = self._sample_images()
         p, ex = jax.device_get(state.params), jax.device_get(state.extra)

@@ -3,7 +3,7 @@
 A method exposes ``logits_fn(params, images) -> {name: logits [B, H, W, C]}``
 (float images in ``[-1, 1]``; one entry per segmenter to score, e.g. the
 adapted one and a source-only baseline). :func:`make_segment_fn` wraps it once
-into the per-example function that :func:`ganda_jax.evaluation.batched_apply`
+into the per-example function that :func:`ganda_jax.metrics.evaluation.batched_apply`
 runs sharded over the mesh: it returns one ``[C, C]`` confusion matrix per
 image (rows = ground truth, columns = prediction; pixels labelled
 ``ignore_index`` are not counted). :func:`miou` sums them on the host in int64
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ganda_jax import evaluation, image_metrics
+from ganda_jax.metrics import evaluation, image_metrics
 
 LogitsFn = Callable[[Any, Any], Mapping[str, Any]]
 

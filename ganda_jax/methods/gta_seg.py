@@ -93,8 +93,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ganda_jax import engine, image_metrics, losses, seg_eval
-from ganda_jax.layers import Conv, ConvTranspose, Dtype, InstanceNorm, conv_init, max_pool
+from ganda_jax import engine, losses
+from ganda_jax.metrics import image_metrics, seg_eval
+from ganda_jax.nets.layers import Conv, ConvTranspose, Dtype, InstanceNorm, conv_init, max_pool
 
 #: D_data's four per-pixel domain classes.
 SRC_REAL, SRC_FAKE, TGT_REAL, TGT_FAKE = 0, 1, 2, 3
@@ -510,7 +511,7 @@ class GTASeg(engine.Method):
 
     def samples(self, state, batch):
         """Per domain, rows: test images, G(F(x)), true masks, F+C masks, source-only masks."""
-        from ganda_jax.writers import image_grid
+        from ganda_jax.train.writers import image_grid
 
         n, k = 8, self.num_classes
         p = jax.device_get(state.params)

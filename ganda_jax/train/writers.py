@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from ganda_jax.image_metrics import to_uint8
+from ganda_jax.metrics.image_metrics import to_uint8
 
 __all__ = [
     "MetricWriter",
@@ -174,7 +174,7 @@ class MetricWriter:
             images: ``{name: image}``; each image a single ``HxWx3`` (or
                 ``HxW`` / ``HxWx1`` / ``HxWx4``) array, uint8 in ``[0, 255]``
                 or float in ``[-1, 1]`` (converted with
-                :func:`~ganda_jax.image_metrics.to_uint8`). A ``/`` in the name
+                :func:`~ganda_jax.metrics.image_metrics.to_uint8`). A ``/`` in the name
                 becomes ``_`` in the file name; TensorBoard keeps the name as
                 its tag. Use :func:`image_grid` to combine batches.
         """
@@ -226,7 +226,7 @@ def image_grid(rows: Sequence[Any], *, pad: int = 2, pad_value: int = 255) -> np
         rows: Sequence of ``R`` batches, each ``[N_r, H, W, C]`` (or
             ``[N_r, H, W]``), uint8 in ``[0, 255]`` or float in ``[-1, 1]``
             (each row converted independently with
-            :func:`~ganda_jax.image_metrics.to_uint8`, so uint8 and float rows
+            :func:`~ganda_jax.metrics.image_metrics.to_uint8`, so uint8 and float rows
             can be mixed). All images need the same ``H, W``. Single-channel
             rows (e.g. grayscale or masks) are repeated to the largest channel
             count among the rows. Rows may hold different numbers of images;

@@ -1,6 +1,6 @@
 """Translate every image of a folder with a trained CycleGAN/DiscoGAN generator.
 
-  python -m ganda_jax.translate --workdir DIR --input IN --output OUT --direction AtoB
+  python -m ganda_jax.cli.translate --workdir DIR --input IN --output OUT --direction AtoB
 
 Reads ``DIR/config.json`` and the latest checkpoint in ``DIR/checkpoints``;
 writes one output per input image under the same file name (no cap on the
@@ -19,7 +19,9 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from ganda_jax import checkpointing, engine, image_metrics, parallel, trainer
+from ganda_jax import engine
+from ganda_jax.metrics import image_metrics
+from ganda_jax.train import checkpointing, parallel, trainer
 from ganda_jax.data import pipeline, sources
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")

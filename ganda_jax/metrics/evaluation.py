@@ -9,7 +9,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from ganda_jax import parallel
+from ganda_jax.train import parallel
 
 _JITTED: "weakref.WeakKeyDictionary[Callable, Any]" = weakref.WeakKeyDictionary()
 

@@ -1,0 +1,1 @@
+"""One method per file: its networks' use, its losses and its phase order."""

@@ -1,0 +1,1 @@
+"""Evaluation: accuracy, mIoU, PSNR, image conversions, batched evaluation on a mesh."""

@@ -1,0 +1,1 @@
+"""Networks shared by the methods, and the CPU-only convolution rewrites."""
