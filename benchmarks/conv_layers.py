@@ -41,15 +41,15 @@ import numpy as np  # noqa: E402
 import throughput  # noqa: E402
 from jax import lax  # noqa: E402
 
+from ganda_jax.methods import get_method
 from ganda_jax.nets import cpu_conv, layers  # noqa: E402
-from ganda_jax.train import trainer
 
 DN = ("NHWC", "HWIO", "NHWC")
 
 
 def find_layers(cfg) -> list[dict]:
     """The distinct conv layers the method's ``init`` calls, in call order."""
-    method = trainer.get_method(cfg)
+    method = get_method(cfg)
     found, seen, network = [], set(), [""]
 
     def record(next_fun, args, kwargs, context):

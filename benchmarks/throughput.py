@@ -40,8 +40,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ganda_jax import engine  # noqa: E402
+from ganda_jax.methods import METHODS as REGISTRY
+from ganda_jax.methods import get_method
 from ganda_jax.nets import cpu_conv
-from ganda_jax.train import parallel, trainer
+from ganda_jax.train import parallel
 
 
 def _config_module(method: str):
@@ -52,9 +54,9 @@ def _config_module(method: str):
     return module
 
 
-# The trainer's registry; each config's BENCHMARK: its reference-size variant (and overrides),
+# The one method registry (ganda_jax.methods); each config's BENCHMARK: its reference-size variant (and overrides),
 # the PyTorch reference model (../shared/bench/torch_ref.py --model), (image size, batch) settings.
-METHODS = {m: _config_module(m).BENCHMARK for m in trainer.METHODS}
+METHODS = {m: _config_module(m).BENCHMARK for m in REGISTRY}
 
 
 # Dense peak TFLOP/s per chip by compute dtype (float32 matmuls/convs on NVIDIA run as TF32
@@ -186,7 +188,7 @@ class Bench:
         self.cfg = cfg
         self.mesh = parallel.make_mesh(num_devices)
         parallel.check_batch_size(cfg.batch_size, self.mesh)
-        self.method = trainer.get_method(cfg)
+        self.method = get_method(cfg)
         self.tx = engine.make_optimizer(self.method)
         replicated = parallel.replicated(self.mesh)
         data = parallel.data_sharding(self.mesh)

@@ -6,7 +6,7 @@ C learn the source labels while F makes target features pass as source. Train it
   PYTHONPATH=examples python train.py --config=examples/dann_config.py --workdir=/tmp/dann
 
 (``config.method = "dann:DANN"`` names this file's class; a method inside the package is listed
-in ``ganda_jax.train.trainer.METHODS`` instead). ``tests/test_add_a_method.py`` trains it.
+in ``ganda_jax.methods.METHODS`` instead). ``tests/test_add_a_method.py`` trains it.
 """
 
 import flax.linen as nn

@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ganda_jax.metrics import image_metrics
 from ganda_jax.data import tasks
+from ganda_jax.metrics import image_metrics
 
 Params = Any
 PyTree = Any
@@ -510,6 +510,52 @@ def phase_loss(phase: Phase, params: dict, inputs: PhaseInputs) -> Callable:
     return lambda trainable: phase.loss_fn({**params, **trainable}, inputs)
 
 
+def run_phases(
+    method: Method,
+    tx: optax.GradientTransformation,
+    state: TrainState,
+    batch: PyTree,
+    *,
+    record: bool = False,
+) -> tuple[TrainState, dict, list]:
+    """One step's phases in order on a prepared ``batch`` (the step counter not advanced).
+
+    Each phase differentiates its loss with respect to its own players only and updates them
+    (:func:`apply_phase_update`); the model state, ``extra`` and ``carry`` it returns reach
+    the later phases. Returns ``(state, metrics, after)``; with ``record``, ``after`` holds
+    ``(params, opt_state, model_state)`` right after each phase of :func:`training_phases`,
+    in order (what the phase-isolation tests read), else it is empty.
+    """
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    params, opt_state = state.params, state.opt_state
+    model_state, extra = state.model_state, state.extra
+    carry: dict[str, Any] = {}
+    metrics: dict[str, jax.Array] = {}
+    after = []
+    first = make_inputs(method, batch, state, jax.random.fold_in(step_rng, 0))
+    for i, phase in training_phases(method):
+        inputs = first._replace(
+            rng=jax.random.fold_in(step_rng, i), model_state=model_state, extra=extra, carry=carry
+        )
+        trainable = {p: params[p] for p in phase.players}
+        loss_wrt = phase_loss(phase, params, inputs)
+        (loss, aux), grads = jax.value_and_grad(loss_wrt, has_aux=True)(trainable)
+        params, opt_state = apply_phase_update(tx, params, opt_state, grads, phase.players)
+        if not isinstance(aux, Out):
+            raise TypeError(f"phase {phase.name!r} must return (loss, engine.Out(...))")
+        model_state = {**model_state, **aux.model_state}
+        extra = {**extra, **aux.extra}
+        carry = {**carry, **jax.lax.stop_gradient(aux.carry)}
+        metrics[f"loss/{phase.name}"] = loss.astype(jnp.float32)
+        metrics.update(aux.metrics)
+        if record:
+            after.append((params, opt_state, model_state))
+    new_state = state.replace(
+        params=params, opt_state=opt_state, model_state=model_state, extra=extra
+    )
+    return new_state, metrics, after
+
+
 def make_train_step(method: Method, tx: optax.GradientTransformation, *, guard: bool = True):
     """Builds ``train_step(state, batch) -> (state, metrics)`` running every phase in order.
 
@@ -528,39 +574,8 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, *, guard: 
             raise ValueError(f"phase {ph.name!r} updates unknown players {sorted(unknown)}")
 
     def train_step(state: TrainState, batch: PyTree):
-        batch = method.prepare(batch)
-        step_rng = jax.random.fold_in(state.rng, state.step)
-        params, opt_state = state.params, state.opt_state
-        model_state, extra = state.model_state, state.extra
-        carry: dict[str, Any] = {}
-        metrics: dict[str, jax.Array] = {}
-        first = make_inputs(method, batch, state, jax.random.fold_in(step_rng, 0))
-        for i, phase in step_phases:
-            inputs = first._replace(
-                rng=jax.random.fold_in(step_rng, i),
-                model_state=model_state,
-                extra=extra,
-                carry=carry,
-            )
-
-            trainable = {p: params[p] for p in phase.players}
-            loss_wrt = phase_loss(phase, params, inputs)
-            (loss, aux), grads = jax.value_and_grad(loss_wrt, has_aux=True)(trainable)
-            params, opt_state = apply_phase_update(tx, params, opt_state, grads, phase.players)
-            if not isinstance(aux, Out):
-                raise TypeError(f"phase {phase.name!r} must return (loss, engine.Out(...))")
-            model_state = {**model_state, **aux.model_state}
-            extra = {**extra, **aux.extra}
-            carry = {**carry, **jax.lax.stop_gradient(aux.carry)}
-            metrics[f"loss/{phase.name}"] = loss.astype(jnp.float32)
-            metrics.update(aux.metrics)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            opt_state=opt_state,
-            model_state=model_state,
-            extra=extra,
-        )
+        new_state, metrics, _ = run_phases(method, tx, state, method.prepare(batch))
+        new_state = new_state.replace(step=state.step + 1)
         if guard:
             new_state, metrics = _guard_nonfinite(
                 state, new_state, metrics, [ph for _, ph in step_phases]

@@ -228,12 +228,13 @@ def final_states(
     import jax
 
     from ganda_jax import engine
-    from ganda_jax.train import checkpointing, trainer
+    from ganda_jax.methods import get_method
+    from ganda_jax.train import checkpointing, resume
 
     cfg = config(num_train_steps, seed)
-    method = trainer.get_method(cfg)
+    method = get_method(cfg)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    abstract = trainer.abstract_state(method, engine.make_optimizer(method), sharding)
+    abstract = resume.abstract_state(method, engine.make_optimizer(method), sharding)
     out = []
     for w in workdirs:
         ckpt = checkpointing.Checkpointer(

@@ -5,10 +5,10 @@ import json
 import sys
 
 import jax
-
 from conftest import ROOT, assert_phase_isolated
+
 from ganda_jax import engine
-from ganda_jax.train import parallel, trainer
+from ganda_jax.train import loop, parallel, trainer
 
 
 def test_an_eighth_method_trains_evaluates_and_keeps_idle_players(tmp_path, monkeypatch):
@@ -33,7 +33,7 @@ def test_an_eighth_method_trains_evaluates_and_keeps_idle_players(tmp_path, monk
     )
 
     # The engine's contract holds for it: each phase moves only its own players.
-    run = trainer.Run(cfg, mesh=parallel.make_mesh(1))
+    run = loop.Run(cfg, mesh=parallel.make_mesh(1))
     method, state = run.method, run.init_state()
     for s in range(2):
         state, _ = run.step_fn(state, run.global_batch(s))

@@ -13,7 +13,7 @@ from conftest import load_config
 from jax import lax
 
 from ganda_jax.nets import cpu_conv, layers
-from ganda_jax.train import parallel, trainer
+from ganda_jax.train import loop, parallel
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -332,7 +332,7 @@ def test_trainer_compiles_its_step_with_these_options(monkeypatch):
     monkeypatch.setattr(
         cpu_conv, "compiler_options", lambda: {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_TYPE"}
     )
-    run = trainer.Run(cfg, mesh=parallel.make_mesh(1))
+    run = loop.Run(cfg, mesh=parallel.make_mesh(1))
     state = run.init_state()
     with pytest.raises(Exception, match="NOT_A_TYPE"):
         run.step_fn(state, run.global_batch(0))

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_phase_isolated, equal_trees, load_config
+from conftest import equal_trees, load_config
 
 from ganda_jax import engine
 from ganda_jax.methods import cycada
-from ganda_jax.train import parallel, trainer
+from ganda_jax.train import parallel, resume, trainer
 
 STEPS = {"pretrain": 24, "pixel": 4, "feature": 4}
 STOP = 3  # the first run stops inside the pretrain stage
@@ -86,7 +86,7 @@ def staged(tmp_path_factory):
         final = trainer.train(cfg, str(wd), mesh=mesh)
     sharding = parallel.replicated(mesh)
     states = {
-        s: trainer.restore_latest(c, str(wd / s), sharding)
+        s: resume.restore_latest(c, str(wd / s), sharding)
         for s, c in cycada.CyCADA.stage_configs(cfg, str(wd))
     }
     return {"cfg": cfg, "wd": wd, "first": first, "calls": calls, "final": final, "states": states}
@@ -176,39 +176,26 @@ def test_phases_write_only_their_own_statistics_and_buffers(staged):
             inp = inp._replace(carry={**inp.carry, **aux.carry})
 
 
-def _phase_updates(method, state, inputs, extra_fn):
-    """Every phase's update from the same state (carry as in a real step), jitted once
-    together with ``extra_fn(params, inputs)``: the values the hand computations need."""
-    tx, phases = engine.make_optimizer(method), engine.phases(method)
+def _phase_losses(method, state, inputs, extra_fn):
+    """Every phase's loss from the same state (carry as in a real step), jitted once together
+    with ``extra_fn(params, inputs)``: the values the hand computations need."""
+    phases = engine.phases(method)
 
     @jax.jit
-    def run(params, opt_state, inputs):
-        out, losses, carry = {}, {}, {}
+    def run(params, inputs):
+        losses, carry = {}, {}
         for ph in phases:
-            inp = inputs._replace(carry=carry)
-            (loss, aux), grads = jax.value_and_grad(
-                lambda t, ph=ph, inp=inp: ph.loss_fn({**params, **t}, inp), has_aux=True
-            )({p: params[p] for p in ph.players})
-            out[ph.name] = engine.apply_phase_update(tx, params, opt_state, grads, ph.players)
+            loss, aux = ph.loss_fn(params, inputs._replace(carry=carry))
             losses[ph.name] = (loss, aux.metrics, aux.carry)
             carry = {**carry, **jax.lax.stop_gradient(aux.carry)}
-        return out, losses, extra_fn(params, inputs)
+        return losses, extra_fn(params, inputs)
 
-    return run(state.params, state.opt_state, inputs)
-
-
-def _check_isolation(stage, method, state, updates):
-    """Each phase changed its players' params and Adam moments, and left the rest bit-exact."""
-    for ph in engine.phases(method):
-        params, opt_state = updates[ph.name]
-        assert_phase_isolated(
-            ph, engine.players(method), state.params, state.opt_state, params, opt_state
-        )
+    return run(state.params, inputs)
 
 
-def test_pixel_phases_touch_only_their_players_and_losses_match_numpy(staged):
+def test_pixel_losses_match_numpy(staged):
     cfg = cycada.stage_config(staged["cfg"], "pixel")
-    m, state = cycada.CyCADA(cfg), staged["states"]["pixel"]  # after 4 steps: Adam moments set
+    m, state = cycada.CyCADA(cfg), staged["states"]["pixel"]
     inp = _inputs(m, state, step=3)
 
     def intermediates(p, inp):
@@ -228,8 +215,7 @@ def test_pixel_phases_touch_only_their_players_and_losses_match_numpy(staged):
             "f_fake_s": f(fake_s),
         }
 
-    updates, phase_losses, o = _phase_updates(m, state, inp, intermediates)
-    _check_isolation("pixel", m, state, updates)
+    phase_losses, o = _phase_losses(m, state, inp, intermediates)
 
     # The G phase's loss (the test config's weights: lambda_A 3, lambda_B 5, semantic 0.7,
     # G_st adversarial x2), each term from the networks' outputs in numpy.
@@ -250,7 +236,7 @@ def test_pixel_phases_touch_only_their_players_and_losses_match_numpy(staged):
     np.testing.assert_allclose(float(loss_d), float(met_d["D_s/adv"] + met_d["D_t/adv"]))
 
 
-def test_feature_phases_touch_only_their_players_and_losses_match_numpy(staged):
+def test_feature_losses_match_numpy(staged):
     cfg = cycada.stage_config(staged["cfg"], "feature")
     m, state = cycada.CyCADA(cfg), staged["states"]["feature"]
     inp = _inputs(m, state, step=5)
@@ -270,8 +256,7 @@ def test_feature_phases_touch_only_their_players_and_losses_match_numpy(staged):
             )[0],
         }
 
-    updates, phase_losses, o = _phase_updates(m, state, inp, intermediates)
-    _check_isolation("feature", m, state, updates)
+    phase_losses, o = _phase_losses(m, state, inp, intermediates)
 
     o = jax.tree.map(lambda x: np.asarray(x, np.float64), o)
     y, n = np.asarray(inp.batch["label"]), len(inp.batch["label"])
@@ -385,7 +370,7 @@ def test_configs_and_errors(tmp_path):
         load_config("cycada", "papr")
     # A missing warm-start checkpoint is a one-line error naming the directory.
     with pytest.raises(FileNotFoundError, match="no checkpoint in .*nothing") as err:
-        trainer.restore_latest(
+        resume.restore_latest(
             cycada.stage_config(cfg, "pretrain"),
             str(tmp_path / "nothing"),
             parallel.replicated(parallel.make_mesh(1)),

@@ -6,18 +6,18 @@ import shutil
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import chex
 import pytest
-from conftest import assert_loss_terms, ROOT, load_config
+from conftest import ROOT, assert_loss_terms, load_config
 from PIL import Image
 
 from ganda_jax import engine
 from ganda_jax.methods import cyclegan
-from ganda_jax.train import parallel, trainer
 from ganda_jax.nets.layers import PatchDiscriminator, ResnetGenerator
+from ganda_jax.train import loop, parallel
 
 
 def test_resnet_generator_shapes_and_range():
@@ -142,7 +142,7 @@ def test_training_reduces_cycle_loss():
     cfg.num_train_steps = 40
     for group in ("G", "D"):
         cfg.optimizer[group].learning_rate = 1e-3
-    run = trainer.Run(cfg, mesh=parallel.make_mesh(1))
+    run = loop.Run(cfg, mesh=parallel.make_mesh(1))
     state = run.init_state()
     history = []
     for s in range(40):
@@ -240,7 +240,7 @@ def test_unknown_variant_is_an_error():
 def test_bfloat16_compute_keeps_float32_params_and_losses():
     cfg = load_config("cyclegan", "runlocal")
     cfg.dtype = "bfloat16"
-    run = trainer.Run(cfg, mesh=parallel.make_mesh(2))
+    run = loop.Run(cfg, mesh=parallel.make_mesh(2))
     state = run.init_state()
     fake = run.method.generate(state.params, jnp.zeros((1, 32, 32, 3)), "AtoB")
     for s in range(2):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import equal_trees
 
-from ganda_jax.train import checkpointing, parallel, trainer
+from ganda_jax.train import checkpointing, loop, parallel, trainer
 
 # Multi-process and cross-device-count runs take ~3 min on 2 cores: CI runs them in its slow
 # pass (`python -m pytest tests -m slow`) to keep the default suite under 15 minutes.
@@ -169,7 +169,7 @@ def test_two_processes_train_resume_and_match_one_process(tmp_path):
     # state one step agrees to rounding: losses to ~2e-7 relative (rtol 1e-5), parameters to
     # within an Adam step (a noise gradient's sign swings the update by up to ~2.5 lr at
     # these early steps; measured 2 lr).
-    run = trainer.Run(cfg, mesh=parallel.make_mesh(8))
+    run = loop.Run(cfg, mesh=parallel.make_mesh(8))
     lr = cfg.optimizer.G.learning_rate
     ckpt = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"), save_every=1, async_save=False

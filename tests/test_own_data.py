@@ -16,8 +16,8 @@ import pytest
 from conftest import ROOT, load_config
 from PIL import Image
 
-from ganda_jax.train import parallel, trainer
 from ganda_jax.data import domains, synthetic, tasks
+from ganda_jax.train import parallel, trainer
 
 CLASSES = tuple(f"c{k}" for k in range(10))  # class folder names (sorted = ids 0..9)
 # The embedded scene classes as Cityscapes label ids: sky, road, car, building, pole.

@@ -14,8 +14,9 @@ import pytest
 from conftest import equal_trees, load_config
 
 from ganda_jax import engine
+from ganda_jax import methods as registry
 from ganda_jax.methods import cyclegan
-from ganda_jax.train import checkpointing, parallel, trainer
+from ganda_jax.train import checkpointing, loop, parallel, resume, trainer
 
 POISON_STEP = 3
 
@@ -53,7 +54,7 @@ class Poisoned(cyclegan.CycleGAN):
 @pytest.fixture
 def poisoned(monkeypatch):
     """Makes the trainer build ``Poisoned`` for the cyclegan configs of this test."""
-    original = trainer.get_method_class
+    original = registry.get_method_class
     monkeypatch.setattr(
         trainer,
         "get_method_class",
@@ -68,7 +69,7 @@ def _prepared_sum(run, step):
 
 
 def test_a_nonfinite_step_is_not_applied_and_says_where(poisoned):
-    run = trainer.Run(_config(), mesh=parallel.make_mesh(1))
+    run = loop.Run(_config(), mesh=parallel.make_mesh(1))
     state = run.init_state()
     for s in range(POISON_STEP):
         state, metrics = run.step_fn(state, run.global_batch(s))
@@ -91,7 +92,7 @@ def test_a_nonfinite_step_is_not_applied_and_says_where(poisoned):
 
 def test_rollback_restores_an_earlier_checkpoint_with_a_new_data_order(tmp_path, poisoned):
     cfg = _config()
-    probe = trainer.Run(cfg, mesh=parallel.make_mesh(1))
+    probe = loop.Run(cfg, mesh=parallel.make_mesh(1))
     poisoned.poison_sum = _prepared_sum(probe, POISON_STEP)  # only the first data order
     probe.loader.close()
     workdir = str(tmp_path / "run")
@@ -109,7 +110,7 @@ def test_rollback_restores_an_earlier_checkpoint_with_a_new_data_order(tmp_path,
     finally:
         ckpt.close()
     # The new order really differs (seeded by the rollback count), so the retry is not a replay.
-    probe = trainer.Run(cfg, mesh=parallel.make_mesh(1))
+    probe = loop.Run(cfg, mesh=parallel.make_mesh(1))
     probe.set_rollbacks(1)
     assert abs(_prepared_sum(probe, POISON_STEP) - poisoned.poison_sum) > 1e-2
     probe.loader.close()
@@ -200,7 +201,7 @@ def test_a_workdir_of_another_run_is_refused_naming_both_and_left_untouched(tmp_
     assert "\n" not in msg
     # A warm start from that workdir (what CyCADA's later stages do) is checked the same way.
     with pytest.raises(ValueError) as err:
-        trainer.restore_latest(wider, workdir, parallel.replicated(parallel.make_mesh(1)))
+        resume.restore_latest(wider, workdir, parallel.replicated(parallel.make_mesh(1)))
     msg = str(err.value)
     assert msg.startswith("warm start: ") and "model.ngf: 4 vs 8" in msg, msg
     assert "does not fit this cyclegan config: params/G_AB/" in msg and "\n" not in msg, msg
@@ -214,4 +215,4 @@ def test_a_workdir_of_another_run_is_refused_naming_both_and_left_untouched(tmp_
 def test_batch_size_not_divisible_by_the_devices_is_an_error():
     cfg = _config(batch_size=6)
     with pytest.raises(ValueError, match="batch_size 6 is not divisible by the 4 devices"):
-        trainer.Run(cfg, mesh=parallel.make_mesh(4))
+        loop.Run(cfg, mesh=parallel.make_mesh(4))

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ganda_jax.data import domains, pipeline, seg, synthetic, tasks
 from ganda_jax.metrics import seg_eval
 from ganda_jax.train import parallel
-from ganda_jax.data import domains, pipeline, seg, synthetic, tasks
 
 
 def _data(**kw):

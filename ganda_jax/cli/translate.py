@@ -20,9 +20,10 @@ from absl import app, flags, logging
 from PIL import Image
 
 from ganda_jax import engine
-from ganda_jax.metrics import image_metrics
-from ganda_jax.train import checkpointing, parallel, trainer
 from ganda_jax.data import pipeline, sources
+from ganda_jax.methods import get_method
+from ganda_jax.metrics import image_metrics
+from ganda_jax.train import checkpointing, parallel, resume
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")
 _INPUT = flags.DEFINE_string("input", None, "Folder of input images.")
@@ -42,7 +43,7 @@ def load_trained(workdir: str, mesh=None):
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
     mesh = mesh or parallel.make_mesh()
-    method = trainer.get_method(config)
+    method = get_method(config)
     if not hasattr(method, "generate"):
         raise ValueError(f"method {config.method!r} has no image translator")
     tx = engine.make_optimizer(method)
@@ -51,7 +52,7 @@ def load_trained(workdir: str, mesh=None):
     )
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-    state, _ = ckpt.restore(trainer.abstract_state(method, tx, parallel.replicated(mesh)))
+    state, _ = ckpt.restore(resume.abstract_state(method, tx, parallel.replicated(mesh)))
     ckpt.close()
     return method, state.params
 

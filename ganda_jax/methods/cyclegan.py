@@ -32,7 +32,6 @@ fixed-size arrays, so it is jit-friendly, checkpointed and resumed exactly.
 
 from __future__ import annotations
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

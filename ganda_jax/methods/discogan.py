@@ -57,15 +57,14 @@ smaller images: the image side must be a multiple of ``2**num_downs``.
 
 from __future__ import annotations
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ganda_jax import engine, losses
-from ganda_jax.metrics import image_metrics, translation_eval
 from ganda_jax.data import sources
+from ganda_jax.metrics import image_metrics, translation_eval
 from ganda_jax.nets.layers import Conv, ConvTranspose, Dtype, InstanceNorm, conv_init, make_norm
 
 #: The paired training stream and its two image fields (see ``data.paired``).

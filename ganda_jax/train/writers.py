@@ -367,7 +367,7 @@ class ProgressLogger:
 
     Two ways to use it:
 
-    * The caller decides when to log (as ``trainer.py`` does)::
+    * The caller decides when to log (as ``loop.py`` does)::
 
           progress = ProgressLogger(total_steps=total, batch_size=global_batch)
           if step % log_every == 0:
