@@ -163,7 +163,7 @@ def test_every_loss_matches_numpy(phases_run):
     cls = {k: raw[k][1] for k in ("xs", "gs")}
 
     d_terms = [_ce(dom["xs"], 0), _ce(dom["gs"], 1), _ce(dom["xt"], 2), _ce(dom["gt"], 3)]
-    loss_d, aux_d, _ = out["D"]
+    loss_d, aux_d = out["D"]
     names = ("D/src_real_ce", "D/src_fake_ce", "D/tgt_real_ce", "D/tgt_fake_ce")
     np.testing.assert_allclose([aux_d.metrics[k] for k in names], d_terms, rtol=2e-4)
     expected_d = sum(d_terms) + 0.7 * _ce(cls["xs"], y_small)

@@ -55,8 +55,8 @@ class Poisoned(cyclegan.CycleGAN):
 def poisoned(monkeypatch):
     """Makes the trainer build ``Poisoned`` for the cyclegan configs of this test."""
     original = registry.get_method_class
-    monkeypatch.setattr(
-        trainer,
+    monkeypatch.setattr(  # the one registry: the trainer and every Run build methods from it
+        registry,
         "get_method_class",
         lambda config: Poisoned if config.method == "cyclegan" else original(config),
     )

@@ -17,7 +17,7 @@ import ml_collections
 from absl import logging
 
 from ganda_jax import engine
-from ganda_jax.methods import get_method_class
+from ganda_jax import methods as registry
 from ganda_jax.train import parallel, resume
 from ganda_jax.train.loop import compilation_cache_dir, train_run
 
@@ -34,7 +34,7 @@ def train(
     """
     parallel.maybe_initialize_distributed()  # before anything touches the backend
     cache = compilation_cache_dir(config, workdir)  # one for all stages: a resume finds it
-    stage_configs = getattr(get_method_class(config), "stage_configs", None)
+    stage_configs = getattr(registry.get_method_class(config), "stage_configs", None)
     if stage_configs is None:
         return train_run(config, workdir, max_steps=max_steps, mesh=mesh, cache=cache)
     plan = stage_configs(config, workdir)
