@@ -29,6 +29,8 @@ import jax
 import numpy as np
 import pytest
 
+from ganda_jax import methods as registry
+
 
 def load_config(name: str, arg: str | None = None):
     """``get_config(arg)`` of ``configs/<name>.py``, unlocked for the test to edit."""
@@ -39,6 +41,23 @@ def load_config(name: str, arg: str | None = None):
     spec.loader.exec_module(module)
     cfg = module.get_config(arg)
     return cfg.unlock() if hasattr(cfg, "unlock") else cfg
+
+
+# The registry's methods as test cases, CyCADA once per stage (test_methods*.py).
+METHOD_CASES = {name: (name, {}) for name in registry.METHODS if name != "cycada"}
+METHOD_CASES.update(
+    {f"cycada-{s}": ("cycada", {"stage": s}) for s in ("pretrain", "pixel", "feature")}
+)
+
+
+def method_config(case: str, **overrides):
+    """The ``runlocal`` config of a registry case (CyCADA per stage), batch 4."""
+    name, variant = METHOD_CASES[case]
+    cfg = load_config(name, "runlocal")
+    cfg.batch_size = 4
+    for k, v in {**variant, **overrides}.items():
+        cfg[k] = v
+    return cfg
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ covered without a new test:
   :func:`engine.run_phases` the jitted step runs;
 - every phase's loss is a finite scalar; the state's shapes match what a checkpoint restore
   expects (:func:`resume.abstract_state`, from ``example_batch`` alone);
-- training two steps in one go and one step, then a resume, give bit-identical states.
+(and ``test_methods_resume.py``: two steps in one go, and one step then a resume, give
+bit-identical states).
 """
 
 import jax
@@ -18,23 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_phase_isolated, equal_trees, load_config
+from conftest import METHOD_CASES, assert_phase_isolated, equal_trees, method_config
 
 from ganda_jax import engine
-from ganda_jax import methods as registry
-from ganda_jax.train import loop, parallel, trainer
+from ganda_jax.train import loop, parallel
 
-CASES = {name: (name, {}) for name in registry.METHODS if name != "cycada"}
-CASES.update({f"cycada-{s}": ("cycada", {"stage": s}) for s in ("pretrain", "pixel", "feature")})
-
-
-def _config(case: str, **overrides):
-    name, variant = CASES[case]
-    cfg = load_config(name, "runlocal")
-    cfg.batch_size = 4
-    for k, v in {**variant, **overrides}.items():
-        cfg[k] = v
-    return cfg
+CASES = METHOD_CASES
+_config = method_config
 
 
 def _fresh_state(run: loop.Run):
@@ -93,27 +84,3 @@ def test_the_state_has_the_shapes_a_restore_expects(case):
     assert jax.tree.structure(abstract) == jax.tree.structure(state)
     for a, x in zip(jax.tree.leaves(abstract), jax.tree.leaves(state)):
         assert (a.shape, a.dtype) == (x.shape, x.dtype)
-
-
-@pytest.mark.parametrize(
-    "case", sorted(c for c in CASES if not c.startswith("cycada")) + ["cycada"]
-)
-def test_resume_is_bit_identical(case, tmp_path):
-    """Two steps straight, against one step, a new process's worth of objects, one more.
-    CyCADA trains all its stages (two steps each): the resume lands inside the pixel stage,
-    after the warm start from the finished pretrain stage."""
-    if case == "cycada":
-        cfg = load_config("cycada", "runlocal")
-        cfg.batch_size, cfg.stage_steps = 4, {"pretrain": 2, "pixel": 2, "feature": 2}
-        stop = 3
-    else:
-        cfg, stop = _config(case, num_train_steps=2), 1
-    cfg.checkpoint_every_steps, cfg.log_every_steps = 100, 1
-    mesh = parallel.make_mesh(2)
-    straight = trainer.train(cfg, str(tmp_path / "straight"), mesh=mesh)
-    first = trainer.train(cfg, str(tmp_path / "resumed"), max_steps=stop, mesh=mesh)
-    assert int(first.step) == (1 if case == "cycada" else stop)
-    resumed = trainer.train(cfg, str(tmp_path / "resumed"), mesh=mesh)
-    assert int(resumed.step) == int(straight.step)
-    for field in ("params", "opt_state", "model_state", "extra", "rng"):
-        assert equal_trees(getattr(straight, field), getattr(resumed, field)), field
