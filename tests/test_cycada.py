@@ -118,12 +118,18 @@ def test_stages_run_in_order_resume_and_warm_start_only_fresh_runs(staged):
         "eval/pretrained_source_only_accuracy",
         "eval/source_accuracy",
         "eval/source_only_source_accuracy",
+        "eval/oracle_accuracy",
     ):
         assert 0.0 <= evals[-1][k] <= 1.0, k
     ev = evals[-1]
     assert ev["eval/adaptation_gain"] == pytest.approx(
         ev["eval/target_accuracy"] - ev["eval/source_only_accuracy"]
     )
+    if ev["eval/oracle_accuracy"] > ev["eval/source_only_accuracy"]:
+        assert ev["eval/gap_closed"] == pytest.approx(
+            ev["eval/adaptation_gain"]
+            / (ev["eval/oracle_accuracy"] - ev["eval/source_only_accuracy"])
+        )
     assert "eval/target_to_source_accuracy" in pixel[-1]
     assert "eval/source_only_accuracy" in _lines(wd / "pretrain" / "metrics.jsonl")[-1]
     assert list((wd / "pixel" / "samples").iterdir())
@@ -139,7 +145,7 @@ def test_later_stages_start_from_the_earlier_final_checkpoints(staged):
     assert equal_trees(feat.extra["G_st"], pix.params["G_st"])
     # f_T and both baselines started from f_S: after 4 Adam steps of lr 1e-4 they are within
     # 4e-4 of it (a fresh init would be ~0.1 away).
-    for p in ("f_T", "T_pix", "T_src"):
+    for p in ("f_T", "T_pix", "T_src", "f_T_oracle"):
         diffs = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), feat.params[p], pre.params["f_S"])
         assert 0 < max(jax.tree.leaves(diffs)) < 1e-3, p
         assert not equal_trees(feat.model_state[p], pre.model_state["f_S"])  # BN stats moved
@@ -164,6 +170,7 @@ def test_phases_write_only_their_own_statistics_and_buffers(staged):
         "f_T": ({"f_T"}, set()),
         "pixel_only": ({"T_pix"}, set()),
         "source_only": ({"T_src"}, set()),
+        "oracle": ({"f_T_oracle"}, set()),
     }
     for stage, cfg in cycada.CyCADA.stage_configs(staged["cfg"], str(staged["wd"])):
         method = cycada.CyCADA(cfg)
@@ -254,6 +261,9 @@ def test_feature_losses_match_numpy(staged):
             "src_logits": m.task_apply(
                 vars_("T_src"), inp.batch["source"], train=True, rng=inp.rng
             )[0],
+            "oracle_logits": m.task_apply(
+                vars_("f_T_oracle"), inp.batch["oracle_image"], train=True, rng=inp.rng
+            )[0],
         }
 
     phase_losses, o = _phase_losses(m, state, inp, intermediates)
@@ -271,6 +281,11 @@ def test_feature_losses_match_numpy(staged):
     np.testing.assert_allclose(phase_losses["pixel_only"][0], _np_ce(o["pix_logits"], y), rtol=1e-5)
     np.testing.assert_allclose(
         phase_losses["source_only"][0], _np_ce(o["src_logits"], y), rtol=1e-5
+    )
+    # The oracle: the same CE on labelled *target* training images (only its phase reads them).
+    y_t = np.asarray(inp.batch["oracle_label"])
+    np.testing.assert_allclose(
+        phase_losses["oracle"][0], _np_ce(o["oracle_logits"], y_t), rtol=1e-5
     )
     assert np.abs(o["x_st"] - np.asarray(inp.batch["source"])).max() > 0  # really translated
 

@@ -40,7 +40,10 @@ resumes the interrupted one). Each stage is a method of its own over shared part
    - ``D_feat``: ``L_D(D_feat(phi(f_T(x_st))) real, D_feat(phi(f_T(x_t))) fake)``;
    - ``f_T``: ``task_weight CE(f_T(x_st), y_s) + feature_weight L_G(D_feat(phi(f_T(x_t))))``;
    - the baselines (phases the engine adds): ``pixel_only``, pixel-level adaptation
-     only, ``CE(T_pix(x_st), y_s)``; ``source_only``, no adaptation, ``CE(T_src(x_s), y_s)``.
+     only, ``CE(T_pix(x_st), y_s)``; ``source_only``, no adaptation, ``CE(T_src(x_s), y_s)``;
+     ``oracle``, ``CE(f_T_oracle(x_t), y_t)`` on labelled target training images (the
+     data's ``target_labeled`` stream, read by no other phase): the bound of
+     ``eval/oracle_*`` and ``eval/gap_closed = (f_T - T_src) / (oracle - T_src)``.
 
    ``x_st = G_st(x_s)`` is made once per step (``step_inputs``).
 
@@ -111,6 +114,7 @@ FEATURE_BASELINES = (
     engine.Baseline(
         "source_only", {"T_src": "f_T"}, metrics=("eval/source_only_", "eval/adaptation_gain")
     ),
+    engine.target_oracle("f_T"),  # f_T_oracle: trained on labelled target images, the bound
 )
 
 
@@ -400,7 +404,9 @@ class _CyCADA(engine.Method):
         if "f_S_G_st" in src:  # pixel stage
             put("eval/source_to_target_label_", src["f_S_G_st"], source=False)
         if "T_src" in tgt:  # feature stage
-            out["eval/adaptation_gain"] = tgt["f_T"][main] - tgt["T_src"][main]
+            adapted, source_only = tgt["f_T"][main], tgt["T_src"][main]
+            out["eval/adaptation_gain"] = adapted - source_only
+            out.update(classify_eval.gap_closed(adapted, source_only, tgt["f_T_oracle"][main]))
         return out
 
     @functools.cached_property
@@ -564,6 +570,7 @@ class Feature(_CyCADA):
         "f_T": "eval/",
         "T_pix": "eval/pixel_only_",
         "T_src": "eval/source_only_",
+        "f_T_oracle": "eval/oracle_",
         "f_S": "eval/pretrained_source_only_",
     }
 
@@ -658,7 +665,7 @@ class Feature(_CyCADA):
 
     def _eval_networks(self, state):
         p, ms = state.params, state.model_state
-        nets = {q: self.player_vars(p, ms, q) for q in ("f_T", "T_pix", "T_src")}
+        nets = {q: self.player_vars(p, ms, q) for q in ("f_T", "T_pix", "T_src", "f_T_oracle")}
         return {**nets, "f_S": state.extra["f_S"]}, {}
 
     def samples(self, state, batch):
