@@ -46,23 +46,24 @@ def final_eval(workdir: str) -> dict[str, float]:
     return {k: v for k, v in evals[-1].items() if k.startswith("eval/") or k == "step"}
 
 
-def summarise(runs: dict[int, dict[str, float]], paired=None) -> dict[str, dict[str, float]]:
-    """``{key: {mean, std, min, max, n}}`` over seeds (std with ddof=1), plus the paired
-    difference ``A - B`` under the key ``'A - B'``."""
+def summarise(runs: dict[int, dict[str, float]], paired=None) -> dict[str, dict]:
+    """``{key: {mean, std, min, max, n, per_seed}}`` over seeds (std with ddof=1), plus the
+    paired difference ``A - B`` under the key ``'A - B'``."""
     keys = sorted({k for r in runs.values() for k in r if k.startswith("eval/")})
-    cols = {k: [r[k] for r in runs.values() if k in r] for k in keys}
+    cols = {k: {s: r[k] for s, r in runs.items() if k in r} for k in keys}
     if paired:
         a, b = paired
-        cols[f"{a} - {b}"] = [r[a] - r[b] for r in runs.values() if a in r and b in r]
+        cols[f"{a} - {b}"] = {s: r[a] - r[b] for s, r in runs.items() if a in r and b in r}
     out = {}
-    for k, v in cols.items():
-        v = np.asarray(v, np.float64)
+    for k, per_seed in cols.items():
+        v = np.asarray(list(per_seed.values()), np.float64)
         out[k] = dict(
             mean=float(v.mean()),
             std=float(v.std(ddof=1)) if len(v) > 1 else 0.0,
             min=float(v.min()),
             max=float(v.max()),
             n=len(v),
+            per_seed=per_seed,
         )
     return out
 
@@ -104,14 +105,7 @@ def main(argv=None):
     for k in keys:
         if k not in summary:
             continue
-        per = []
-        for s in args.seeds:
-            r = runs[s]
-            if " - " in k:
-                a, b = k.split(" - ")
-                per.append(r[a] - r[b])
-            else:
-                per.append(r.get(k, float("nan")))
+        per = [summary[k]["per_seed"].get(seed, float("nan")) for seed in args.seeds]
         cells = "".join(f"{v:>10.4f}" for v in per)
         print(f"{k:<48}{cells}{summary[k]['mean']:>10.4f}{summary[k]['std']:>10.4f}")
     if args.json:

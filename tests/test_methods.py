@@ -24,9 +24,6 @@ from conftest import METHOD_CASES, assert_phase_isolated, equal_trees, method_co
 from ganda_jax import engine
 from ganda_jax.train import loop, parallel
 
-CASES = METHOD_CASES
-_config = method_config
-
 
 def _fresh_state(run: loop.Run):
     """The initial state without the method's warm start (a later CyCADA stage's needs an
@@ -43,9 +40,9 @@ def _fresh_state(run: loop.Run):
     return state.replace(opt_state=moments), batch
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(METHOD_CASES))
 def test_each_phase_updates_only_its_players(case):
-    run = loop.Run(_config(case), mesh=parallel.make_mesh(1))
+    run = loop.Run(method_config(case), mesh=parallel.make_mesh(1))
     method, tx = run.method, run.tx
     state, batch = _fresh_state(run)
     run.loader.close()
@@ -75,9 +72,9 @@ def test_each_phase_updates_only_its_players(case):
     assert not all(equal_trees(moved[p], state.params[p]) for p in players)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(METHOD_CASES))
 def test_the_state_has_the_shapes_a_restore_expects(case):
-    run = loop.Run(_config(case), mesh=parallel.make_mesh(1))
+    run = loop.Run(method_config(case), mesh=parallel.make_mesh(1))
     state, _ = _fresh_state(run)
     run.loader.close()
     abstract = run.abstract_state()

@@ -7,12 +7,9 @@ from conftest import METHOD_CASES, equal_trees, load_config, method_config
 
 from ganda_jax.train import parallel, trainer
 
-CASES = METHOD_CASES
-_config = method_config
-
 
 @pytest.mark.parametrize(
-    "case", sorted(c for c in CASES if not c.startswith("cycada")) + ["cycada"]
+    "case", sorted(c for c in METHOD_CASES if not c.startswith("cycada")) + ["cycada"]
 )
 def test_resume_is_bit_identical(case, tmp_path):
     """Two steps straight, against one step, a new process's worth of objects, one more.
@@ -23,7 +20,7 @@ def test_resume_is_bit_identical(case, tmp_path):
         cfg.batch_size, cfg.stage_steps = 4, {"pretrain": 2, "pixel": 2, "feature": 2}
         stop = 3
     else:
-        cfg, stop = _config(case, num_train_steps=2), 1
+        cfg, stop = method_config(case, num_train_steps=2), 1
     cfg.checkpoint_every_steps, cfg.log_every_steps = 100, 1
     mesh = parallel.make_mesh(2)
     straight = trainer.train(cfg, str(tmp_path / "straight"), mesh=mesh)

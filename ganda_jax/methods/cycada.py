@@ -665,8 +665,8 @@ class Feature(_CyCADA):
 
     def _eval_networks(self, state):
         p, ms = state.params, state.model_state
-        nets = {q: self.player_vars(p, ms, q) for q in ("f_T", "T_pix", "T_src", "f_T_oracle")}
-        return {**nets, "f_S": state.extra["f_S"]}, {}
+        nets = {q: self.player_vars(p, ms, q) for q in self.eval_names if q != "f_S"}
+        return {**nets, "f_S": state.extra["f_S"]}, {}  # f_S: frozen, in extra
 
     def samples(self, state, batch):
         """Rows x_s, G_st(x_s), x_t (+ for segmentation: f_T's and T_src's target maps, truth)."""
