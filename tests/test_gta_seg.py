@@ -139,6 +139,10 @@ def phases_run(trained):
             "logits_src": method.segment(
                 {**params, "F": params["F_src"], "C": params["C_src"]}, xs
             ),
+            "logits_oracle": method.segment(
+                {**params, "F": params["F_oracle"], "C": params["C_oracle"]},
+                inp.batch["oracle_image"],
+            ),
         }
         return out, raw
 
@@ -184,6 +188,10 @@ def test_every_loss_matches_numpy(phases_run):
     )
     np.testing.assert_allclose(out["F"][0], expected_f, rtol=2e-4)
     np.testing.assert_allclose(out["source_only"][0], 0.9 * _ce(raw["logits_src"], y), rtol=2e-4)
+    # The oracle: the same loss on labelled target images (never the method's source batch).
+    y_t = b["oracle_label"]
+    assert not np.array_equal(b["oracle_image"], b["source"])
+    np.testing.assert_allclose(out["oracle"][0], 0.9 * _ce(raw["logits_oracle"], y_t), rtol=2e-4)
 
 
 def test_phases_follow_the_papers_order(phases_run):
@@ -194,6 +202,7 @@ def test_phases_follow_the_papers_order(phases_run):
         ("G", ("G",)),
         ("F", ("F", "C")),
         ("source_only", ("F_src", "C_src")),
+        ("oracle", ("F_oracle", "C_oracle")),
     ]
 
 
@@ -211,6 +220,7 @@ def test_training_moves_every_loss_evaluates_checkpoints_and_resumes(trained):
         "F/adv_src_ce",
         "F/seg_ce",
         "source_only/seg_ce",
+        "oracle/seg_ce",
         "loss/F",
     ):
         assert k in keys, k
@@ -218,7 +228,8 @@ def test_training_moves_every_loss_evaluates_checkpoints_and_resumes(trained):
         values = [line[k] for line in train]
         assert all(np.isfinite(values)), k
         assert np.std(values) > 1e-5, f"{k} never moved"
-    for k in ("F/seg_ce", "source_only/seg_ce", "G/rec_src_l1"):  # the supervised terms go down
+    # the supervised terms go down
+    for k in ("F/seg_ce", "source_only/seg_ce", "oracle/seg_ce", "G/rec_src_l1"):
         first, last = (np.mean([line[k] for line in part]) for part in (train[:3], train[-3:]))
         assert last < first, k
 
@@ -232,16 +243,26 @@ def test_training_moves_every_loss_evaluates_checkpoints_and_resumes(trained):
         "eval/source_only_pixel_accuracy",
         "eval/source_miou",
         "eval/source_only_source_miou",
+        "eval/oracle_miou",
+        "eval/oracle_pixel_accuracy",
     ):
         assert 0.0 <= ev[k] <= 1.0, k
     assert ev["eval/adaptation_gain"] == pytest.approx(
         ev["eval/miou"] - ev["eval/source_only_miou"]
     )
+    gap = ev["eval/oracle_miou"] - ev["eval/source_only_miou"]
+    if gap > 1e-9:  # gap_closed is only defined when the oracle beats source only
+        assert ev["eval/gap_closed"] == pytest.approx(
+            (ev["eval/miou"] - ev["eval/source_only_miou"]) / gap
+        )
+    else:
+        assert "eval/gap_closed" not in ev
     per_class = [k for k in ev if k.startswith("eval/iou/")]
     assert per_class and all(
         k.split("/")[-1] in tasks.make("segment", _config()).class_names() for k in per_class
     )
     assert any(k.startswith("eval/source_only_iou/") for k in ev)
+    assert any(k.startswith("eval/oracle_iou/") for k in ev)
 
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and steps[-1] == STEPS
