@@ -34,6 +34,10 @@ def base(method: str) -> ml_collections.ConfigDict:
     # target *training* labels, never used by the method) for eval/oracle_* and
     # eval/gap_closed; it needs a labelled target training split.
     c.train_oracle = True
+    # > 0: the train state also keeps a moving average of every player's parameters
+    # (engine.update_ema, e.g. 0.998: a horizon of ~500 steps), and evaluation, samples
+    # and exports use it instead of the last iterate, which in a GAN game swings.
+    c.ema_decay = 0.0
     # > 0: a jax.profiler trace of that many steps, profile_skip_steps after the run's first
     # (past compilation), into workdir/profile (TensorBoard's profile plugin; Perfetto).
     c.profile_steps = 0

@@ -367,6 +367,8 @@ def init_state(
     init_rng, state_rng = jax.random.split(rng)
     params, model_state, extra = method.init(init_rng, method.prepare(batch))
     params, model_state = with_copies(method, params, model_state)
+    if ema_decay(method.config):
+        extra = {**extra, EMA: jax.tree.map(jnp.copy, params)}
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -375,6 +377,32 @@ def init_state(
         extra=extra,
         rng=state_rng,
     )
+
+
+#: ``TrainState.extra`` key of the parameters' moving average (``config.ema_decay`` > 0).
+EMA = "ema"
+
+
+def ema_decay(config) -> float:
+    return float(config.get("ema_decay", 0.0))
+
+
+def update_ema(ema: dict, params: dict, *, decay: float, step: jax.Array) -> dict:
+    """``ema <- d ema + (1 - d) params`` with ``d = min(decay, (1 + step) / (10 + step))``.
+
+    Polyak averaging of the iterates (as tf.train.ExponentialMovingAverage with
+    ``num_updates``): the ramp lets the average forget the initial weights early instead of
+    keeping ``decay ** steps`` of them."""
+    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step)).astype(jnp.float32)
+    return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema, params)
+
+
+def eval_state(state: TrainState) -> TrainState:
+    """The state to evaluate, sample and export: the parameters' moving average in place of
+    the last iterate when the run keeps one (``config.ema_decay`` > 0), else ``state``."""
+    if EMA not in state.extra:
+        return state
+    return state.replace(params={**state.params, **state.extra[EMA]})
 
 
 def with_copies(method: Method, params: dict, model_state: dict) -> tuple[dict, dict]:
@@ -567,6 +595,7 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, *, guard: 
     1.0 where non-finite) for the trainer to act on.
     """
     step_phases = training_phases(method)
+    decay = ema_decay(method.config)
     known = players(method)
     for _, ph in step_phases:
         unknown = set(ph.players) - set(known)
@@ -575,6 +604,9 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, *, guard: 
 
     def train_step(state: TrainState, batch: PyTree):
         new_state, metrics, _ = run_phases(method, tx, state, method.prepare(batch))
+        if decay:
+            ema = update_ema(new_state.extra[EMA], new_state.params, decay=decay, step=state.step)
+            new_state = new_state.replace(extra={**new_state.extra, EMA: ema})
         new_state = new_state.replace(step=state.step + 1)
         if guard:
             new_state, metrics = _guard_nonfinite(

@@ -235,6 +235,40 @@ def test_the_target_oracle_trains_on_target_labels_and_never_touches_the_method(
     assert classify_eval.gap_closed(0.7, 0.4, 0.4) == {}
 
 
+def test_the_moving_average_follows_the_formula_and_never_changes_training():
+    """config.ema_decay: extra['ema'] starts at the initial weights and follows
+    ema <- d ema + (1 - d) params, d = min(decay, (1 + step) / (10 + step)), for every player;
+    the training itself (params, optimizer state) is bit-identical to a run without it, and
+    eval_state puts the average in the parameters' place."""
+    decay, runs = 0.3, {}
+    for on in (True, False):
+        cfg = load_config("pixelda", "runlocal")
+        cfg.ema_decay = decay if on else 0.0
+        run = loop.Run(cfg, mesh=parallel.make_mesh(1))
+        state = run.init_state()
+        trail = [jax.device_get(state)]
+        for s in range(3):
+            state, _ = run.step_fn(state, run.global_batch(s))
+            trail.append(jax.device_get(state))
+        runs[on] = trail
+    on, off = runs[True], runs[False]
+    assert engine.EMA not in off[-1].extra and engine.eval_state(off[-1]) is off[-1]
+    expected = on[0].params
+    assert equal_trees(on[0].extra[engine.EMA], expected)
+    for s in range(1, 4):
+        assert equal_trees(on[s].params, off[s].params) and equal_trees(
+            on[s].opt_state, off[s].opt_state
+        ), s
+        d = min(decay, s / (9.0 + s))  # (1 + step) / (10 + step) with step = s - 1
+        expected = jax.tree.map(lambda e, p: d * e + (1 - d) * p, expected, on[s].params)
+        got = on[s].extra[engine.EMA]
+        assert set(got) == set(on[s].params)  # every player, the baselines' copies too
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert not equal_trees(on[-1].extra[engine.EMA], on[-1].params)
+    assert equal_trees(engine.eval_state(on[-1]).params, on[-1].extra[engine.EMA])
+
+
 @pytest.mark.parametrize("name", ["pixelda", "cycada", "gta", "gta_seg", "ccgan"])
 def test_baselines_are_phases_over_copies_trained_with_their_originals_blocks(name):
     cfg = load_config(name, "runlocal")

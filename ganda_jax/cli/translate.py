@@ -54,7 +54,7 @@ def load_trained(workdir: str, mesh=None):
         raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
     state, _ = ckpt.restore(resume.abstract_state(method, tx, parallel.replicated(mesh)))
     ckpt.close()
-    return method, state.params
+    return method, engine.eval_state(state).params  # the moving average when the run kept one
 
 
 def translate_folder(

@@ -256,14 +256,15 @@ def train_run(
     accum, accum_n, batch = None, 0, None
 
     def evaluate_and_sample(step):
-        scalars = engine.without_baseline_metrics(run.method, run.method.evaluate(state, run.mesh))
+        scored = engine.eval_state(state)
+        scalars = engine.without_baseline_metrics(run.method, run.method.evaluate(scored, run.mesh))
         if scalars:
             writer.write_scalars(step, scalars)
             logging.info(
                 "eval @ %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in sorted(scalars.items()))
             )
         if batch is not None:
-            images = run.method.samples(state, batch)
+            images = run.method.samples(scored, batch)
             if images:
                 writer.write_images(step, images)
 
