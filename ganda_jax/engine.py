@@ -484,6 +484,20 @@ def copy_params(params: dict, baseline: Baseline) -> dict:
     return {**params, **{orig: params[c] for c, orig in baseline.copies.items()}}
 
 
+def with_baselines(fn: Callable, baselines: Sequence[Baseline]) -> Callable:
+    """``f(params, *args) -> {'adapted': fn(params, *args), <baseline name>: the same with that
+    baseline's copies in the originals' place}``: one evaluation function over a method and
+    its baselines, all on the same inputs."""
+
+    def f(params, *args):
+        out = {"adapted": fn(params, *args)}
+        for b in baselines:
+            out[b.name] = fn(copy_params(params, b), *args)
+        return out
+
+    return f
+
+
 def trains_oracle(method: Method) -> bool:
     """Whether the method's target oracle trains (it has one; baselines and oracle are on)."""
     cfg = method.config

@@ -464,14 +464,10 @@ class GTASeg(engine.Method):
     # --- evaluation -------------------------------------------------------------
     @functools.cached_property
     def _segment_fn(self):
-        def logits(params, x):
-            out = {"adapted": self.segment(params, x)}
-            for b in self.baselines:  # 'source_only', 'oracle'
-                out[b.name] = self.segment(engine.copy_params(params, b), x)
-            return out
-
-        return seg_eval.make_segment_fn(
-            logits, num_classes=self.num_classes, ignore_index=self.ignore_index
+        return seg_eval.make_segment_fn(  # 'adapted', 'source_only', 'oracle'
+            engine.with_baselines(self.segment, self.baselines),
+            num_classes=self.num_classes,
+            ignore_index=self.ignore_index,
         )
 
     def evaluate(self, state, mesh):

@@ -116,13 +116,7 @@ class TaskClassifier:
 
     @functools.cached_property
     def _accuracy_fn(self):
-        def logits(params, images):
-            out = {"adapted": self.task_logits(params, images)}
-            for b in self.baselines:
-                out[b.name] = self.task_logits(engine.copy_params(params, b), images)
-            return out
-
-        return make_accuracy_fn(logits)
+        return make_accuracy_fn(engine.with_baselines(self.task_logits, self.baselines))
 
     def evaluate(self, state, mesh):
         scored = {p for b in self.baselines for p in (*b.copies, *b.copies.values())}
