@@ -7,9 +7,11 @@
 
 Default: the embedded digits pair (32x32; clean source strokes -> textured,
 slanted, bent target strokes) with CPU-sized networks (ndf=32, ngf=16, nz=64), the
-reference's optimizer (Adam lr 5e-4, b1 0.8), batch 32, and the reference's loss
-weights except the target adversarial factor: 1.0 instead of 0.3 (so F's target
-adversarial term weighs 0.1, not 0.03). Measured at 1500 steps on the embedded
+reference's optimizer (Adam lr 5e-4, b1 0.8), batch 32, 3000 steps evaluated with
+averaged weights (``ema_decay`` 0.998; the reference evaluates its last iterate,
+which swings here), and the reference's loss weights except the target adversarial
+factor: 1.0 instead of 0.3 (so F's target adversarial term weighs 0.1, not 0.03).
+Measured at 1500 steps (last iterate) on the embedded
 pair: with 0.3, target test accuracy 0.394 against 0.428 for source-only (F's
 target term too weak to move the target embeddings); with 1.0, 0.573 against
 0.428. The ``paper`` and ``svhn`` variants keep the reference's 0.3.
@@ -37,10 +39,13 @@ def get_config(arg=None):
     variants = config_lib.parse_variants(arg, VARIANTS)
     c = config_lib.base("gta")
     c.batch_size = 32
-    c.num_train_steps = 1500
+    # 3000 steps, averaged weights: at 1500 GTA is still climbing, and its last iterate swings
+    # by +-0.1 between evaluations (docs/adaptation.md); the average of the iterates does not.
+    c.num_train_steps = 3000
+    c.ema_decay = 0.998
     c.image_size = 32
     c.log_every_steps = 100
-    c.checkpoint_every_steps = 500
+    c.checkpoint_every_steps = 1000
     c.eval_batch_size = 500
     c.data = tasks.data_block("classify", num_train=10000, num_test=2000)
     c.model = {
@@ -65,6 +70,7 @@ def get_config(arg=None):
         c.model.ndf = c.model.ngf = 64
         c.model.nz = 512
         c.loss.target_adv_factor = 0.3
+        c.ema_decay = 0.0  # the reference evaluates its last iterate
     if "svhn" in variants:
         c.data.source_domain.update(kind="tfds", name="svhn_cropped")
         c.data.target_domain.update(kind="tfds", name="mnist")

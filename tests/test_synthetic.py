@@ -311,3 +311,20 @@ def test_segmentation_deterministic_disjoint_splits():
         assert not (_row_set(a["mask"]) & _row_set(t["mask"]))
     with pytest.raises(ValueError):
         S.segmentation_pair(domain="real", split="train", num=2)
+
+
+def test_translation_test_regions_partition_the_scene_and_match_b_colours():
+    d = S.translation_pair(split="test", num=6, size=32)
+    r = S.translation_test_regions(num=6, size=32)
+    animal = r.pop("animal")
+    count = sum(m.astype(int) for m in r.values())
+    np.testing.assert_array_equal(count, 1)  # every pixel in exactly one region
+    for name, colour in (
+        ("outline", S._B_OUTLINE),
+        ("fur_light", S._B_LIGHT),
+        ("fur_band", S._B_DARK),
+    ):
+        assert r[name].any(), name
+        np.testing.assert_array_equal(d["B"][r[name]], np.broadcast_to(colour, (r[name].sum(), 3)))
+    np.testing.assert_array_equal(animal >= 0, r["fur_light"] | r["fur_band"] | r["outline"])
+    assert animal.max() < S._MAX_ANIMALS

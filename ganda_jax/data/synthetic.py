@@ -739,6 +739,31 @@ def translation_pair(
     return {"A": a, "B": b}
 
 
+def translation_test_regions(*, num: int, seed: int = 0, size: int = 64) -> dict[str, np.ndarray]:
+    """Region masks of ``translation_pair(split='test', ...)``'s scenes, each bool [num, H, W].
+
+    ``sky``, ``ground``, ``bush``, ``fur_light`` and ``fur_band`` (inside an animal, off its
+    outline: light / dark stripes in B), ``outline`` (B's 1-px black animal outline); and
+    ``animal``, int [num, H, W]: the visible animal's index in its scene, -1 off animals.
+    For breaking a translation's error down by region (``benchmarks/translation_errors.py``).
+    """
+    _check_common(num, seed)
+    sc = _sample_scenes(_rng("translation", 0, _SPLIT_IDS["test"], seed), num, size)
+    regions, union = _translation_regions(sc, size, slice(0, num))
+    outline = _boundary(union)
+    fur = (regions >= _R_FUR) & ~outline
+    band = (regions - _R_FUR) % 2 == 1
+    return {
+        "sky": (regions == _R_SKY) & ~outline,
+        "ground": (regions == _R_GROUND) & ~outline,
+        "bush": (regions == _R_BUSH) & ~outline,
+        "fur_light": fur & ~band,
+        "fur_band": fur & band,
+        "outline": outline,
+        "animal": np.where(regions >= _R_FUR, (regions.astype(int) - _R_FUR) // 2, -1),
+    }
+
+
 # ---------------------------------------------------------------------------
 # segmentation_pair
 # ---------------------------------------------------------------------------
