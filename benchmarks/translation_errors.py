@@ -19,18 +19,17 @@ import json
 import os
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ganda_jax.cli.translate import load_trained
 from ganda_jax.data import synthetic
-from ganda_jax.metrics import image_metrics
+from ganda_jax.metrics import evaluation, image_metrics, translation_eval
+from ganda_jax.train import parallel
 
 
 def _breakdown(pred: np.ndarray, truth: np.ndarray, regions: dict) -> dict:
     err = ((pred - truth) ** 2).mean(-1)  # [N, H, W], images in [-1, 1]
-    per_image = 10 * np.log10(4.0 / err.reshape(len(err), -1).mean(1))
     rows = {
         name: {
             "pixels": float(m.mean()),
@@ -39,7 +38,7 @@ def _breakdown(pred: np.ndarray, truth: np.ndarray, regions: dict) -> dict:
         }
         for name, m in regions.items()
     }
-    return {"psnr": float(per_image.mean()), "regions": rows}
+    return {"psnr": float(image_metrics.psnr(x=pred, y=truth)), "regions": rows}
 
 
 def main(argv=None):
@@ -48,22 +47,24 @@ def main(argv=None):
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
 
-    method, params = load_trained(args.workdir)
-    c = method.config
-    if not (c.data.A.kind == c.data.B.kind == "embedded"):
+    mesh = parallel.make_mesh()
+    method, params = load_trained(args.workdir, mesh)
+    if method.data_task != "translate":
+        raise SystemExit(f"{args.workdir}: a {method.name} run, not a translation run")
+    test = method.data.paired_test()  # None unless both domains are the embedded pair
+    if test is None:
         raise SystemExit(f"{args.workdir}: not a run on the embedded translation pair")
-    n, size, seed = c.data.num_test, c.image_size, c.data.seed
-    test = synthetic.translation_pair(split="test", num=n, seed=seed, size=size)
-    train_b = synthetic.translation_pair(split="train", num=c.data.num_train, seed=seed, size=size)
-    a = image_metrics.from_uint8(test["A"], np.float32)
+    c = method.config
+    n, size, seed = len(test["A"]), c.image_size, c.data.seed
     b = image_metrics.from_uint8(test["B"], np.float32)
-    fake = np.concatenate(
-        [
-            np.asarray(method.generate(params, jnp.asarray(a[i : i + 50]), "AtoB"))
-            for i in range(0, n, 50)
-        ]
-    )
-    mean = image_metrics.from_uint8(train_b["B"].mean(0).round().astype(np.uint8), np.float32)
+    fake = evaluation.batched_apply(
+        translation_eval.make_translate_fn(method.generate),
+        params,
+        test,
+        mesh=mesh,
+        batch_size=c.eval_batch_size,
+    )["fake_B"]
+    mean = image_metrics.from_uint8(method.data.train_mean("B"), np.float32)
     regions = synthetic.translation_test_regions(num=n, seed=seed, size=size)
     animal = regions.pop("animal")
     out = {
@@ -74,7 +75,7 @@ def main(argv=None):
     lum = fake.mean(-1)
     in_phase = inverted = 0
     for i in range(n):  # per animal: is its light fur brighter than its bands?
-        for j in range(synthetic._MAX_ANIMALS):
+        for j in np.unique(animal[i][animal[i] >= 0]):
             light = regions["fur_light"][i] & (animal[i] == j)
             band = regions["fur_band"][i] & (animal[i] == j)
             if light.sum() > 5 and band.sum() > 5:
