@@ -197,6 +197,7 @@ class Bench:
         init = jax.jit(
             lambda rng, b: engine.init_state(self.method, self.tx, rng, b),
             out_shardings=replicated,
+            compiler_options=cpu_conv.init_compiler_options(),
         )
         self.state = init(jax.random.PRNGKey(cfg.seed), self.batch)
         self.stored_bytes = stored_for_backward_bytes(self.method, self.state, self.batch)

@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import equal_trees, load_config
 from jax import lax
 
+from ganda_jax import engine
 from ganda_jax.nets import cpu_conv, layers
 from ganda_jax.train import loop, parallel
 
@@ -336,6 +337,23 @@ def test_trainer_compiles_its_step_with_these_options(monkeypatch):
     state = run.init_state()
     with pytest.raises(Exception, match="NOT_A_TYPE"):
         run.step_fn(state, run.global_batch(0))
+
+
+def test_init_compiles_with_its_options_and_equals_the_default_levels_init(monkeypatch):
+    """Run's state initialisation is compiled with cpu_conv.init_compiler_options() (LLVM
+    level 1 on CPU, for compile time) and gives bit-identical values to the same program at
+    XLA's default level; an option XLA rejects makes it fail, so the options reach XLA."""
+    cfg = load_config("ccgan", "runlocal")
+    cfg.batch_size = 2
+    run = loop.Run(cfg, mesh=parallel.make_mesh(1))
+    rng, batch = jax.random.PRNGKey(cfg.seed), run.global_batch(0)
+    default = jax.jit(lambda r, b: engine.init_state(run.method, run.tx, r, b))(rng, batch)
+    assert equal_trees(run.init_state(), default)
+    monkeypatch.setattr(
+        cpu_conv, "init_compiler_options", lambda: {"xla_backend_optimization_level": "x"}
+    )
+    with pytest.raises(Exception, match="xla_backend_optimization_level"):
+        loop.Run(cfg, mesh=parallel.make_mesh(1)).init_state()
 
 
 def test_conv_layers_benchmark_finds_every_distinct_layer(monkeypatch):

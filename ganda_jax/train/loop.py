@@ -77,6 +77,7 @@ class Run:
         self._init_fn = jax.jit(
             lambda rng, batch: engine.init_state(self.method, self.tx, rng, batch),
             out_shardings=self.replicated,
+            compiler_options=cpu_conv.init_compiler_options(),
         )
         self.steps_per_call = int(config.get("steps_per_call", 1))
         if self.steps_per_call < 1:
