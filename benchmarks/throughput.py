@@ -43,7 +43,7 @@ from ganda_jax import engine  # noqa: E402
 from ganda_jax.methods import METHODS as REGISTRY
 from ganda_jax.methods import get_method
 from ganda_jax.nets import cpu_conv
-from ganda_jax.train import parallel
+from ganda_jax.train import loop, parallel
 
 
 def _config_module(method: str):
@@ -194,11 +194,7 @@ class Bench:
         data = parallel.data_sharding(self.mesh)
         host_batch = synthetic_batch(self.method, cfg.batch_size)
         self.batch = jax.device_put(host_batch, data)
-        init = jax.jit(
-            lambda rng, b: engine.init_state(self.method, self.tx, rng, b),
-            out_shardings=replicated,
-            compiler_options=cpu_conv.init_compiler_options(),
-        )
+        init = loop.jit_init_state(self.method, self.tx, replicated)
         self.state = init(jax.random.PRNGKey(cfg.seed), self.batch)
         self.stored_bytes = stored_for_backward_bytes(self.method, self.state, self.batch)
         step_fn = engine.make_train_step(self.method, self.tx, guard=cfg.divergence.guard)

@@ -28,6 +28,16 @@ from ganda_jax.train.divergence import Divergence, rollback
 from ganda_jax.train.profiling import StepProfiler
 
 
+def jit_init_state(method: engine.Method, tx, sharding):
+    """``engine.init_state`` jitted to ``sharding``, with the CPU options for a one-off
+    program (:func:`cpu_conv.init_compiler_options`)."""
+    return jax.jit(
+        lambda rng, batch: engine.init_state(method, tx, rng, batch),
+        out_shardings=sharding,
+        compiler_options=cpu_conv.init_compiler_options(),
+    )
+
+
 class Preemption:
     """Turns SIGTERM into a flag the loop checks after each step (then saves and exits)."""
 
@@ -74,11 +84,7 @@ class Run:
             donate_argnums=(0,),
             compiler_options=cpu_conv.compiler_options(),
         )
-        self._init_fn = jax.jit(
-            lambda rng, batch: engine.init_state(self.method, self.tx, rng, batch),
-            out_shardings=self.replicated,
-            compiler_options=cpu_conv.init_compiler_options(),
-        )
+        self._init_fn = jit_init_state(self.method, self.tx, self.replicated)
         self.steps_per_call = int(config.get("steps_per_call", 1))
         if self.steps_per_call < 1:
             raise ValueError(f"config.steps_per_call must be >= 1, got {self.steps_per_call}")
